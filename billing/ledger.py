@@ -1,0 +1,511 @@
+"""The credit ledger: accounts, grants, holds and entries.
+
+Every function takes the caller's Connection and runs inside the caller's transaction; none
+commits. Each mutation first locks the `balances` row of the (account, kind) it changes, so
+concurrent holds against one account are serialised and can never overdraw it.
+
+Burn order: a hold reserves credits from the grant that expires soonest first,
+never-expiring grants last, older grants before newer ones. An expired grant is never
+reserved from; credits already reserved by an open hold stay reserved when their grant
+expires, and are consumed by its commit. Credits that a release returns to an expired grant
+expire in the same transaction.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, and_, func, insert, nulls_last, or_, select, update
+
+from billing.clock import utcnow
+from billing.errors import (
+    HoldAlreadyResolved,
+    InsufficientCredits,
+    InvalidAmount,
+    ReferenceConflict,
+    UnknownAccount,
+    UnknownHold,
+)
+from billing.pricing import CREDIT_KINDS
+from billing.tables import (
+    REFERENCE_MAX_LEN,
+    accounts,
+    balances,
+    entries,
+    grants,
+    hold_allocations,
+    holds,
+)
+
+PLANS = ("free", "standard", "business")
+GRANT_SOURCES = ("purchase", "plan", "promo", "adjustment")
+GRANT_AMOUNT_MAX = 10_000_000
+HOLD_AMOUNT_MAX = 100_000
+HOLD_TTL_S_MAX = 7 * 24 * 3600
+EXPIRE_BATCH_MAX = 500
+
+
+@dataclass(frozen=True)
+class Balance:
+    kind: str
+    balance: int
+    held: int
+    available: int
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: int
+    reference: str
+    account_id: str
+    kind: str
+    amount: int
+    status: str
+    committed: int
+    expires_at: datetime
+
+    @property
+    def released(self) -> int:
+        """Credits given back: all of them unless committed, the rest after a partial commit."""
+        return 0 if self.status == "open" else self.amount - self.committed
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: int
+    reference: str
+    account_id: str
+    kind: str
+    amount: int
+    created: bool
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in CREDIT_KINDS:
+        raise InvalidAmount("kind", f"must be one of {', '.join(CREDIT_KINDS)}, got {kind!r}")
+
+
+def _check_amount(field: str, amount: int, lo: int, hi: int) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, int) or not lo <= amount <= hi:
+        raise InvalidAmount(field, f"must be an integer in {lo}..{hi}, got {amount!r}")
+
+
+def _check_reference(reference: str) -> None:
+    if not isinstance(reference, str) or not 1 <= len(reference) <= REFERENCE_MAX_LEN:
+        raise InvalidAmount("reference", f"must be a string of 1..{REFERENCE_MAX_LEN} characters")
+
+
+def new_account_id() -> str:
+    return "acc_" + secrets.token_hex(12)
+
+
+def create_account(
+    conn: Connection,
+    name: str,
+    plan: str,
+    *,
+    account_id: str | None = None,
+    now: datetime | None = None,
+) -> str:
+    if plan not in PLANS:
+        raise InvalidAmount("plan", f"must be one of {', '.join(PLANS)}, got {plan!r}")
+    if not name or len(name) > 200:
+        raise InvalidAmount("name", "must be 1..200 characters")
+    account_id = account_id or new_account_id()
+    conn.execute(
+        insert(accounts).values(id=account_id, name=name, plan=plan, created_at=now or utcnow())
+    )
+    conn.execute(
+        insert(balances),
+        [
+            {"account_id": account_id, "kind": kind, "balance": 0, "held": 0}
+            for kind in CREDIT_KINDS
+        ],
+    )
+    return account_id
+
+
+def _lock_balance(conn: Connection, account_id: str, kind: str) -> tuple[int, int]:
+    row = conn.execute(
+        select(balances.c.balance, balances.c.held)
+        .where(balances.c.account_id == account_id, balances.c.kind == kind)
+        .with_for_update()
+    ).first()
+    if row is None:
+        raise UnknownAccount(account_id)
+    return int(row.balance), int(row.held)
+
+
+def _add_to_balance(
+    conn: Connection, account_id: str, kind: str, delta_balance: int, delta_held: int
+) -> None:
+    conn.execute(
+        update(balances)
+        .where(balances.c.account_id == account_id, balances.c.kind == kind)
+        .values(balance=balances.c.balance + delta_balance, held=balances.c.held + delta_held)
+    )
+
+
+def _live(now: datetime):  # type: ignore[no-untyped-def]
+    return or_(grants.c.expires_at.is_(None), grants.c.expires_at > now)
+
+
+def _burn_order():  # type: ignore[no-untyped-def]
+    return (nulls_last(grants.c.expires_at.asc()), grants.c.id.asc())
+
+
+def _expire_grants_locked(conn: Connection, account_id: str, kind: str, now: datetime) -> int:
+    """Expire the unreserved remainder of this account's expired grants. Caller holds the lock."""
+    due = conn.execute(
+        select(grants.c.id, grants.c.remaining).where(
+            grants.c.account_id == account_id,
+            grants.c.kind == kind,
+            grants.c.remaining > 0,
+            grants.c.expires_at <= now,
+        )
+    ).all()
+    total = 0
+    for grant_id, remaining in due:
+        conn.execute(
+            update(grants)
+            .where(grants.c.id == grant_id)
+            .values(remaining=0, expired=grants.c.expired + remaining)
+        )
+        conn.execute(
+            insert(entries).values(
+                account_id=account_id,
+                kind=kind,
+                type="expire_grant",
+                delta_balance=-remaining,
+                delta_held=0,
+                grant_id=grant_id,
+                created_at=now,
+            )
+        )
+        total += remaining
+    if total:
+        _add_to_balance(conn, account_id, kind, -total, 0)
+    return total
+
+
+def grant(
+    conn: Connection,
+    account_id: str,
+    kind: str,
+    amount: int,
+    *,
+    source: str,
+    reference: str,
+    expires_at: datetime | None = None,
+    now: datetime | None = None,
+) -> Grant:
+    """Add credits. Idempotent on `reference`: the same grant again adds nothing."""
+    _check_kind(kind)
+    _check_amount("amount", amount, 1, GRANT_AMOUNT_MAX)
+    _check_reference(reference)
+    if source not in GRANT_SOURCES:
+        raise InvalidAmount("source", f"must be one of {', '.join(GRANT_SOURCES)}, got {source!r}")
+    if expires_at is not None and expires_at.tzinfo is None:
+        raise InvalidAmount("expires_at", "must carry a time zone")
+    now = now or utcnow()
+    _lock_balance(conn, account_id, kind)
+    existing = conn.execute(select(grants).where(grants.c.reference == reference)).first()
+    if existing is not None:
+        if (existing.account_id, existing.kind, existing.amount) != (account_id, kind, amount):
+            raise ReferenceConflict(
+                reference, f"a grant of {existing.amount} {existing.kind} to {existing.account_id}"
+            )
+        return Grant(existing.id, reference, account_id, kind, amount, created=False)
+    grant_id = conn.execute(
+        insert(grants)
+        .values(
+            account_id=account_id,
+            kind=kind,
+            source=source,
+            amount=amount,
+            remaining=amount,
+            expired=0,
+            expires_at=expires_at,
+            reference=reference,
+            created_at=now,
+        )
+        .returning(grants.c.id)
+    ).scalar_one()
+    conn.execute(
+        insert(entries).values(
+            account_id=account_id,
+            kind=kind,
+            type="grant",
+            delta_balance=amount,
+            delta_held=0,
+            grant_id=grant_id,
+            created_at=now,
+        )
+    )
+    _add_to_balance(conn, account_id, kind, amount, 0)
+    _expire_grants_locked(conn, account_id, kind, now)  # a grant that is born expired
+    return Grant(grant_id, reference, account_id, kind, amount, created=True)
+
+
+def _hold_from_row(row) -> Hold:  # type: ignore[no-untyped-def]
+    return Hold(
+        id=row.id,
+        reference=row.reference,
+        account_id=row.account_id,
+        kind=row.kind,
+        amount=int(row.amount),
+        status=row.status,
+        committed=int(row.committed),
+        expires_at=row.expires_at,
+    )
+
+
+def get_hold(conn: Connection, reference: str) -> Hold | None:
+    row = conn.execute(select(holds).where(holds.c.reference == reference)).first()
+    return None if row is None else _hold_from_row(row)
+
+
+def hold(
+    conn: Connection,
+    account_id: str,
+    kind: str,
+    amount: int,
+    *,
+    reference: str,
+    ttl_s: int,
+    now: datetime | None = None,
+) -> Hold:
+    """Reserve `amount` credits under `reference` (unique; a retry returns the same hold).
+    Raises InsufficientCredits (with needed and available) when they are not there."""
+    _check_kind(kind)
+    _check_amount("amount", amount, 1, HOLD_AMOUNT_MAX)
+    _check_amount("ttl_s", ttl_s, 1, HOLD_TTL_S_MAX)
+    _check_reference(reference)
+    now = now or utcnow()
+    _lock_balance(conn, account_id, kind)
+    existing = get_hold(conn, reference)
+    if existing is not None:
+        if (existing.account_id, existing.kind, existing.amount) != (account_id, kind, amount):
+            raise ReferenceConflict(
+                reference, f"a hold of {existing.amount} {existing.kind} on {existing.account_id}"
+            )
+        return existing
+    _expire_grants_locked(conn, account_id, kind, now)
+    live = conn.execute(
+        select(grants.c.id, grants.c.remaining)
+        .where(
+            grants.c.account_id == account_id,
+            grants.c.kind == kind,
+            grants.c.remaining > 0,
+            _live(now),
+        )
+        .order_by(*_burn_order())
+    ).all()
+    available = sum(int(r.remaining) for r in live)
+    if available < amount:
+        raise InsufficientCredits(kind, needed=amount, available=available)
+    expires_at = now + timedelta(seconds=ttl_s)
+    hold_id = conn.execute(
+        insert(holds)
+        .values(
+            reference=reference,
+            account_id=account_id,
+            kind=kind,
+            amount=amount,
+            status="open",
+            committed=0,
+            created_at=now,
+            expires_at=expires_at,
+        )
+        .returning(holds.c.id)
+    ).scalar_one()
+    allocations = []
+    still_needed = amount
+    for grant_id, remaining in live:
+        take = min(int(remaining), still_needed)
+        allocations.append(
+            {"hold_id": hold_id, "grant_id": grant_id, "amount": take, "committed": 0}
+        )
+        conn.execute(
+            update(grants)
+            .where(grants.c.id == grant_id)
+            .values(remaining=grants.c.remaining - take)
+        )
+        still_needed -= take
+        if still_needed == 0:
+            break
+    conn.execute(insert(hold_allocations), allocations)
+    conn.execute(
+        insert(entries).values(
+            account_id=account_id,
+            kind=kind,
+            type="hold",
+            delta_balance=0,
+            delta_held=amount,
+            hold_id=hold_id,
+            created_at=now,
+        )
+    )
+    _add_to_balance(conn, account_id, kind, 0, amount)
+    return Hold(hold_id, reference, account_id, kind, amount, "open", 0, expires_at)
+
+
+def _lock_open_hold(conn: Connection, reference: str) -> Hold:
+    found = get_hold(conn, reference)
+    if found is None:
+        raise UnknownHold(reference)
+    _lock_balance(conn, found.account_id, found.kind)
+    locked = get_hold(conn, reference)  # re-read under the lock: another resolver may have won
+    assert locked is not None
+    if locked.status != "open":
+        raise HoldAlreadyResolved(reference, locked.status)
+    return locked
+
+
+def _resolve(conn: Connection, the_hold: Hold, status: str, committed: int, now: datetime) -> Hold:
+    """Consume `committed` credits (burn order) and give the rest back to their grants."""
+    allocs = conn.execute(
+        select(hold_allocations.c.grant_id, hold_allocations.c.amount)
+        .join(grants, grants.c.id == hold_allocations.c.grant_id)
+        .where(hold_allocations.c.hold_id == the_hold.id)
+        .order_by(*_burn_order())
+    ).all()
+    to_commit = committed
+    for grant_id, amount in allocs:
+        take = min(int(amount), to_commit)
+        to_commit -= take
+        if take:
+            conn.execute(
+                update(hold_allocations)
+                .where(
+                    hold_allocations.c.hold_id == the_hold.id,
+                    hold_allocations.c.grant_id == grant_id,
+                )
+                .values(committed=take)
+            )
+        if int(amount) - take:
+            conn.execute(
+                update(grants)
+                .where(grants.c.id == grant_id)
+                .values(remaining=grants.c.remaining + (int(amount) - take))
+            )
+    conn.execute(
+        update(holds)
+        .where(holds.c.id == the_hold.id, holds.c.status == "open")
+        .values(status=status, committed=committed, resolved_at=now)
+    )
+    entry_type = {"committed": "commit", "released": "release", "expired": "expire_hold"}[status]
+    conn.execute(
+        insert(entries).values(
+            account_id=the_hold.account_id,
+            kind=the_hold.kind,
+            type=entry_type,
+            delta_balance=-committed,
+            delta_held=-the_hold.amount,
+            hold_id=the_hold.id,
+            created_at=now,
+        )
+    )
+    _add_to_balance(conn, the_hold.account_id, the_hold.kind, -committed, -the_hold.amount)
+    # Credits returned to a grant that expired while they were reserved expire now.
+    _expire_grants_locked(conn, the_hold.account_id, the_hold.kind, now)
+    return Hold(
+        the_hold.id,
+        the_hold.reference,
+        the_hold.account_id,
+        the_hold.kind,
+        the_hold.amount,
+        status,
+        committed,
+        the_hold.expires_at,
+    )
+
+
+def commit(conn: Connection, reference: str, amount: int, *, now: datetime | None = None) -> Hold:
+    """Charge `amount` (<= held) of a hold; the rest is released. Once per hold."""
+    locked = _lock_open_hold(conn, reference)
+    _check_amount("amount", amount, 0, locked.amount)
+    return _resolve(conn, locked, "committed", amount, now or utcnow())
+
+
+def release(conn: Connection, reference: str, *, now: datetime | None = None) -> Hold:
+    """Give a hold's credits back. Once per hold."""
+    return _resolve(conn, _lock_open_hold(conn, reference), "released", 0, now or utcnow())
+
+
+def expire(conn: Connection, reference: str, *, now: datetime | None = None) -> Hold:
+    """Expire one hold that is past its deadline (its credits go back)."""
+    now = now or utcnow()
+    locked = _lock_open_hold(conn, reference)
+    if locked.expires_at > now:
+        raise InvalidAmount(
+            "expires_at", f"hold {reference!r} is not due until {locked.expires_at}"
+        )
+    return _resolve(conn, locked, "expired", 0, now)
+
+
+def due_holds(conn: Connection, now: datetime, limit: int = EXPIRE_BATCH_MAX) -> list[str]:
+    """References of open holds past their deadline (oldest first), for a sweeper."""
+    return list(
+        conn.execute(
+            select(holds.c.reference)
+            .where(holds.c.status == "open", holds.c.expires_at <= now)
+            .order_by(holds.c.expires_at)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def expire_grants(
+    conn: Connection, now: datetime | None = None, limit: int = EXPIRE_BATCH_MAX
+) -> int:
+    """Sweep: write expiry entries for every expired grant with unreserved credits left."""
+    now = now or utcnow()
+    pairs = conn.execute(
+        select(grants.c.account_id, grants.c.kind)
+        .where(grants.c.remaining > 0, grants.c.expires_at <= now)
+        .distinct()
+        .limit(limit)
+    ).all()
+    total = 0
+    for account_id, kind in sorted(pairs):
+        _lock_balance(conn, account_id, kind)
+        total += _expire_grants_locked(conn, account_id, kind, now)
+    return total
+
+
+def get_balance(
+    conn: Connection, account_id: str, kind: str, *, now: datetime | None = None
+) -> Balance:
+    """Balance as a user sees it: credits in expired grants are not counted, even before
+    the sweeper has written their expiry entries."""
+    _check_kind(kind)
+    now = now or utcnow()
+    row = conn.execute(
+        select(balances.c.held).where(balances.c.account_id == account_id, balances.c.kind == kind)
+    ).first()
+    if row is None:
+        raise UnknownAccount(account_id)
+    live = conn.execute(
+        select(func.coalesce(func.sum(grants.c.remaining), 0)).where(
+            and_(grants.c.account_id == account_id, grants.c.kind == kind, _live(now))
+        )
+    ).scalar_one()
+    held = int(row.held)
+    return Balance(kind, balance=int(live) + held, held=held, available=int(live))
+
+
+def get_balances(
+    conn: Connection, account_id: str, *, now: datetime | None = None
+) -> list[Balance]:
+    now = now or utcnow()
+    return [get_balance(conn, account_id, kind, now=now) for kind in CREDIT_KINDS]
+
+
+def get_account(conn: Connection, account_id: str):  # type: ignore[no-untyped-def]
+    row = conn.execute(select(accounts).where(accounts.c.id == account_id)).first()
+    if row is None:
+        raise UnknownAccount(account_id)
+    return row

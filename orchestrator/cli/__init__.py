@@ -1,0 +1,16 @@
+"""`tollgate`: the command line. Exit codes: 0 ok, 1 operational failure, 2 bad input."""
+
+from __future__ import annotations
+
+import click
+
+from orchestrator.cli.ledger import accounts, credits, db, ledger_group, quote
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Tollgate: credit-gated GPU job orchestrator for image AI."""
+
+
+for command in (quote, db, accounts, credits, ledger_group):
+    main.add_command(command)
