@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     # Bearer token for admin routes; empty disables them.
     admin_token: str = ""
     var_dir: Path = DEFAULT_VAR_DIR
+    # Where inputs and outputs are stored: a local path or any fsspec URL.
+    storage_url: str = str(DEFAULT_VAR_DIR / "storage")
+    # Secret for the HMAC-SHA256 signature of job callbacks.
+    callback_secret: str = "change-me"
 
 
 @lru_cache(maxsize=1)

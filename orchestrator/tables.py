@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, ForeignKey, String, Table, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
 
 from billing.tables import ACCOUNT_ID_MAX_LEN, BigId, UTCDateTime, metadata
 
@@ -16,4 +30,90 @@ api_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime, nullable=True),
     UniqueConstraint("key_hash"),
+)
+
+JOB_ID_MAX_LEN = 40
+IDEMPOTENCY_KEY_MAX_LEN = 200
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(JOB_ID_MAX_LEN), primary_key=True),
+    Column("account_id", String(ACCOUNT_ID_MAX_LEN), ForeignKey("accounts.id"), nullable=False),
+    Column("type", String(20), nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("credit_kind", String(20), nullable=False),
+    Column("price", BigInteger, nullable=False),
+    # Credits per delivered output (a partial batch is charged per_output x delivered).
+    Column("price_per_output", BigInteger, nullable=False),
+    Column("outputs_expected", Integer, nullable=False),
+    Column("charged", BigInteger, nullable=False, server_default=text("0")),
+    Column("refunded", BigInteger, nullable=False, server_default=text("0")),
+    Column("progress_step", Integer, nullable=False, server_default=text("0")),
+    Column("progress_total", Integer, nullable=False, server_default=text("0")),
+    Column("outputs", JSON, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("idempotency_key", String(IDEMPOTENCY_KEY_MAX_LEN), nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("callback_url", String(2000), nullable=True),
+    Column("source", String(10), nullable=False),
+    # Each delivery of the task to a worker takes a new attempt; only the current attempt's
+    # token may report progress or settle.
+    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    Column("lease_token", String(40), nullable=True),
+    Column("worker", String(200), nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, server_default=false()),
+    Column("deadline_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    UniqueConstraint("account_id", "idempotency_key", name="uq_jobs_account_idempotency"),
+    Index("ix_jobs_account_created", "account_id", "created_at"),
+    Index("ix_jobs_status_deadline", "status", "deadline_at"),
+)
+
+# Results as workers reported them, one row per attempt, including late ones (after the job
+# was canceled or expired): recorded, never charged.
+job_results = Table(
+    "job_results",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", String(JOB_ID_MAX_LEN), ForeignKey("jobs.id"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("outcome", String(20), nullable=False),
+    Column("delivered", Integer, nullable=False),
+    Column("applied", Boolean, nullable=False),
+    Column("detail", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("job_id", "attempt", name="uq_job_results_job_attempt"),
+)
+
+# Transactional outbox: written in the same transaction as the state change it announces,
+# published after commit (fast path) or by the beat re-publisher (crash path).
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("topic", String(20), nullable=False),
+    Column("job_id", String(JOB_ID_MAX_LEN), nullable=True),
+    Column("payload", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("published_at", UTCDateTime, nullable=True),
+    Index("ix_outbox_unpublished", "published_at", "id"),
+)
+
+# Uploaded input images (POST /v1/images or inline image_b64), owned by an account.
+images = Table(
+    "images",
+    metadata,
+    Column("id", String(JOB_ID_MAX_LEN), primary_key=True),
+    Column("account_id", String(ACCOUNT_ID_MAX_LEN), ForeignKey("accounts.id"), nullable=False),
+    Column("path", String(1000), nullable=False),
+    Column("format", String(10), nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
 )

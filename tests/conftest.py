@@ -76,3 +76,66 @@ def any_engine(request: pytest.FixtureRequest) -> Engine:
     name = "pg_engine" if request.param == "postgresql" else "sqlite_engine"
     engine: Engine = request.getfixturevalue(name)
     return engine
+
+
+REDIS_BASE_URL = os.environ.get("TOLLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB_COUNT = 16
+REDIS_LOCK_KEY = "tollgate:test-session-lock"
+REDIS_LOCK_TTL_S = 3600
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis database number no other concurrent test session holds, flushed for us."""
+    import redis
+
+    for db in range(1, REDIS_DB_COUNT):
+        client = redis.Redis.from_url(f"{REDIS_BASE_URL}/{db}")
+        if client.set(REDIS_LOCK_KEY, os.getpid(), nx=True, ex=REDIS_LOCK_TTL_S):
+            client.flushdb()
+            client.set(REDIS_LOCK_KEY, os.getpid(), ex=REDIS_LOCK_TTL_S)
+            yield f"{REDIS_BASE_URL}/{db}"
+            client.flushdb()
+            client.close()
+            return
+        client.close()
+    raise RuntimeError("no free Redis database for this test session")
+
+
+@pytest.fixture(scope="session")
+def storage_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("storage"))
+
+
+@pytest.fixture(scope="session")
+def storage(storage_url: str):  # type: ignore[no-untyped-def]
+    from orchestrator.storage import Storage
+
+    return Storage(storage_url)
+
+
+@pytest.fixture(scope="session")
+def service_env(pg_url: str, redis_url: str, storage_url: str) -> dict[str, str]:
+    """Environment for child processes (workers, API, intake) of this test session."""
+    return {
+        **os.environ,
+        "TOLLGATE_DATABASE_URL": pg_url,
+        "TOLLGATE_REDIS_URL": redis_url,
+        "TOLLGATE_STORAGE_URL": storage_url,
+        "TOLLGATE_ADMIN_TOKEN": "test-admin-token",
+        "TOLLGATE_CALLBACK_SECRET": "test-callback-secret",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings_env(service_env: dict[str, str]) -> Iterator[None]:
+    """Point this process's settings at the session's services too."""
+    from orchestrator.settings import get_settings
+
+    saved = dict(os.environ)
+    os.environ.update(service_env)
+    get_settings.cache_clear()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    get_settings.cache_clear()

@@ -1,0 +1,266 @@
+"""Running a job on a worker, safely under duplicate delivery and crashes.
+
+Protocol (each step its own transaction, under the job's row lock):
+1. `begin`: a delivery takes the job: a new attempt number and lease token. A job that has
+   already ended is left alone (duplicate delivery: no-op). A job that is `running` is taken
+   over (its previous worker died, or is a duplicate that will notice it lost the lease).
+2. The runner reports progress per step and delivers outputs one by one (`RunContext`). Each
+   call checks the lease and the cancel flag; a superseded or canceled run stops at its next
+   step.
+3. `finish`: settle once. Only the current attempt, on a job that has not ended, is applied;
+   anything else is recorded in job_results as late and charges nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from billing.clock import utcnow
+from billing.db import run_transaction
+from orchestrator import states
+from orchestrator.errors import OrchestratorError
+from orchestrator.jobs import lock_job, settle, transition
+from orchestrator.storage import Storage
+from orchestrator.tables import job_results, jobs
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS_MAX: Final = 3
+PROGRESS_WRITE_INTERVAL_S: Final = 0.25
+
+
+class JobStopped(OrchestratorError):
+    """Raised inside a runner to stop it: the job was canceled or another attempt owns it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_id: str
+    number: int
+    token: str
+    spec: dict[str, Any]
+    account_id: str
+
+
+@dataclass
+class RunContext:
+    """What a runner sees: the spec, input bytes, and calls for progress and outputs."""
+
+    engine: Engine
+    storage: Storage
+    attempt: Attempt
+    on_progress: Callable[[int, int], None] | None = None
+    delivered: int = 0
+    _last_write: float = field(default=0.0)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.attempt.spec
+
+    @property
+    def job_id(self) -> str:
+        return self.attempt.job_id
+
+    def input_bytes(self) -> bytes:
+        from orchestrator.images import image_key
+
+        key = run_transaction(
+            self.engine, lambda c: image_key(c, self.attempt.account_id, self.spec["image_id"])
+        )
+        return self.storage.get(key)
+
+    def _check(self, conn: Connection) -> None:
+        row = conn.execute(
+            select(jobs.c.status, jobs.c.lease_token, jobs.c.cancel_requested).where(
+                jobs.c.id == self.job_id
+            )
+        ).one()
+        if row.lease_token != self.attempt.token or states.is_terminal(row.status):
+            raise JobStopped("superseded")
+        if row.cancel_requested:
+            raise JobStopped("canceled")
+
+    def progress(self, step: int, total: int) -> None:
+        """Call once per step. Raises JobStopped when the run must stop."""
+        now = time.monotonic()
+        write = step >= total or now - self._last_write >= PROGRESS_WRITE_INTERVAL_S
+
+        def work(conn: Connection) -> None:
+            self._check(conn)
+            if write:
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == self.job_id, jobs.c.lease_token == self.attempt.token)
+                    .values(progress_step=step, progress_total=total)
+                )
+
+        run_transaction(self.engine, work)
+        if write:
+            self._last_write = now
+            if self.on_progress is not None:
+                self.on_progress(step, total)
+
+    def deliver(self, index: int, png: bytes, meta: dict[str, Any] | None = None) -> None:
+        """Store one output and record it as delivered (charged when the job settles)."""
+        key = f"outputs/{self.job_id}/a{self.attempt.number}_{index}.png"
+        self.storage.put(key, png)
+        self._record(
+            {
+                "index": index,
+                "key": key,
+                "delivered": True,
+                "meta": meta or {},
+                **({"seed": meta["seed"]} if meta and "seed" in meta else {}),
+            }
+        )
+        self.delivered += 1
+
+    def not_delivered(self, index: int, reason: str) -> None:
+        """An output that could not be delivered (not charged), with the reason."""
+        self._record({"index": index, "delivered": False, "reason": reason})
+
+    def _record(self, output: dict[str, Any]) -> None:
+        def work(conn: Connection) -> None:
+            lock_job(conn, self.job_id)
+            self._check(conn)
+            current = conn.execute(select(jobs.c.outputs).where(jobs.c.id == self.job_id))
+            outputs = [o for o in current.scalar_one() if o["index"] != output["index"]]
+            conn.execute(
+                update(jobs).where(jobs.c.id == self.job_id).values(outputs=[*outputs, output])
+            )
+
+        run_transaction(self.engine, work)
+
+
+def begin(engine: Engine, job_id: str, worker: str) -> Attempt | None:
+    """Take the job for this delivery, or return None when there is nothing to run."""
+
+    def work(conn: Connection) -> Attempt | None:
+        row = conn.execute(select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
+        if row is None:
+            log.warning("task for unknown job %s ignored", job_id)
+            return None
+        if states.is_terminal(row.status):
+            return None
+        now = utcnow()
+        if row.cancel_requested:
+            delivered = sum(1 for o in row.outputs if o.get("delivered"))
+            settle(conn, row, states.CANCELED, delivered, now, error="canceled by the client")
+            return None
+        if row.attempt >= ATTEMPTS_MAX:
+            settle(
+                conn,
+                row,
+                states.FAILED,
+                0,
+                now,
+                error=f"gave up after {row.attempt} attempts (worker lost each time)",
+            )
+            return None
+        token = secrets.token_hex(16)
+        transition(
+            conn,
+            job_id,
+            states.RUNNING,
+            now,
+            attempt=row.attempt + 1,
+            lease_token=token,
+            worker=worker[:200],
+            started_at=now,
+            outputs=[],
+            progress_step=0,
+        )
+        return Attempt(job_id, row.attempt + 1, token, dict(row.spec), row.account_id)
+
+    return run_transaction(engine, work)
+
+
+def finish(engine: Engine, attempt: Attempt, outcome: str, error: str | None = None) -> str:
+    """Apply an attempt's result once. Returns the job's status afterwards."""
+    assert outcome in (states.SUCCEEDED, states.FAILED, states.CANCELED), outcome
+
+    def work(conn: Connection) -> str:
+        row = lock_job(conn, attempt.job_id)
+        delivered = [o for o in row.outputs if o.get("delivered")]
+        now = utcnow()
+        current = row.lease_token == attempt.token and not states.is_terminal(row.status)
+        conn.execute(
+            insert(job_results).values(
+                job_id=row.id,
+                attempt=attempt.number,
+                outcome=outcome,
+                delivered=len(delivered) if current else 0,
+                applied=current,
+                detail=error if current else f"late: job {row.status}, attempt {row.attempt}",
+                created_at=now,
+            )
+        )
+        if not current:
+            return str(row.status)
+        status, reason = outcome, error
+        if status == states.SUCCEEDED and not delivered:
+            status, reason = states.FAILED, reason or _undelivered_reason(row.outputs)
+        missing = row.outputs_expected - len(delivered)
+        if status == states.SUCCEEDED and missing > 0 and reason is None:
+            reason = (
+                f"{missing} of {row.outputs_expected} outputs not delivered: "
+                f"{_undelivered_reason(row.outputs)}"
+            )
+        # A failed job is refunded in full; a canceled or partial one pays for what it got.
+        charged_outputs = 0 if status == states.FAILED else len(delivered)
+        settle(conn, row, status, charged_outputs, now, error=reason)
+        return status
+
+    return run_transaction(engine, work)
+
+
+def _undelivered_reason(outputs: list[dict[str, Any]]) -> str:
+    reasons = sorted({o.get("reason") or "unknown" for o in outputs if not o.get("delivered")})
+    return "; ".join(reasons) if reasons else "no outputs were produced"
+
+
+Runner = Callable[[RunContext], None]
+
+
+def execute(
+    engine: Engine,
+    storage: Storage,
+    job_id: str,
+    worker: str,
+    runner: Runner,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The whole worker side of a job. Safe to call twice for the same job."""
+    attempt = begin(engine, job_id, worker)
+    if attempt is None:
+        return {"job_id": job_id, "status": "skipped"}
+    ctx = RunContext(engine, storage, attempt, on_progress)
+    try:
+        runner(ctx)
+    except JobStopped as stop:
+        if stop.reason == "superseded":
+            status = finish(engine, attempt, states.FAILED, "superseded by a newer attempt")
+        else:
+            status = finish(engine, attempt, states.CANCELED, "canceled by the client")
+        return {"job_id": job_id, "status": status}
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        status = finish(engine, attempt, states.FAILED, _reason(exc))
+        return {"job_id": job_id, "status": status}
+    return {"job_id": job_id, "status": finish(engine, attempt, states.SUCCEEDED)}
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:500]

@@ -1,0 +1,397 @@
+"""The job service: submit, cancel, read. Each public function is one transaction.
+
+Submit prices the spec, places the hold and writes the job row and its outbox messages in
+ONE transaction; the Celery task is published only after commit (outbox relay).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.engine import Row
+
+from billing import InsufficientCredits, InvalidJobSpec, ledger
+from billing.clock import utcnow
+from billing.db import run_transaction
+from orchestrator import outbox, specs, states
+from orchestrator.deadlines import deadline_s, hold_ttl_s
+from orchestrator.errors import OrchestratorError
+from orchestrator.images import decode_b64, image_key, store_image
+from orchestrator.storage import Storage
+from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN, jobs
+
+LIST_LIMIT_MAX: Final = 100
+SOURCES: Final = ("http", "redis", "cli")
+
+
+class JobNotFound(OrchestratorError):
+    pass
+
+
+class IdempotencyConflict(OrchestratorError):
+    """The same idempotency key with a different request body (HTTP 409)."""
+
+
+class CannotCancel(OrchestratorError):
+    """The job already ended another way (HTTP 409)."""
+
+
+class JobRejected(OrchestratorError):
+    """Refused at intake; the rejected job row is recorded. Carries the cause."""
+
+    def __init__(self, job_id: str, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.job_id = job_id
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: dict[str, Any]
+    created: bool
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+def request_hash(spec: Any, callback_url: str | None) -> str:
+    body = json.dumps({"spec": spec, "callback_url": callback_url}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def view(row: Row[Any]) -> dict[str, Any]:
+    """A job as clients see it (the API's and the events' shape)."""
+    outputs = [
+        {
+            "index": o["index"],
+            "url": f"/v1/jobs/{row.id}/outputs/{o['index']}",
+            **{k: o[k] for k in ("seed", "meta") if k in o},
+        }
+        for o in (row.outputs or [])
+        if o.get("delivered")
+    ]
+    undelivered = [
+        {"index": o["index"], "reason": o.get("reason")}
+        for o in (row.outputs or [])
+        if not o.get("delivered")
+    ]
+    return {
+        "id": row.id,
+        "account_id": row.account_id,
+        "type": row.type,
+        "status": row.status,
+        "progress": {"step": row.progress_step, "total": row.progress_total},
+        "price": {"credits": row.price, "credit_kind": row.credit_kind},
+        "charged": row.charged,
+        "refunded": row.refunded,
+        "outputs": outputs,
+        "undelivered": undelivered,
+        "error": row.error,
+        "created_at": row.created_at.isoformat(),
+        "updated_at": row.updated_at.isoformat(),
+        "started_at": row.started_at.isoformat() if row.started_at else None,
+        "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+    }
+
+
+def event_payload(row: Row[Any]) -> dict[str, Any]:
+    return {
+        "job_id": row.id,
+        "account_id": row.account_id,
+        "type": row.type,
+        "status": row.status,
+        "charged": row.charged,
+        "refunded": row.refunded,
+        "error": row.error or "",
+        "at": row.updated_at.isoformat(),
+    }
+
+
+def lock_job(conn: Connection, job_id: str) -> Row[Any]:
+    row = conn.execute(select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
+    if row is None:
+        raise JobNotFound(job_id)
+    return row
+
+
+def transition(
+    conn: Connection, job_id: str, new_status: str, now: datetime, **values: Any
+) -> Row[Any]:
+    """Move a locked job to `new_status`, announcing it through the outbox (event, and the
+    client's callback when the new state is terminal)."""
+    current = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one()
+    if current != new_status and not states.can_transition(current, new_status):
+        raise OrchestratorError(f"job {job_id}: {current} -> {new_status} is not allowed")
+    if states.is_terminal(new_status):
+        values.setdefault("finished_at", now)
+    conn.execute(
+        update(jobs).where(jobs.c.id == job_id).values(status=new_status, updated_at=now, **values)
+    )
+    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+    outbox.add(conn, "event", job_id, event_payload(row))
+    if states.is_terminal(new_status) and row.callback_url:
+        outbox.add(conn, "callback", job_id, {"url": row.callback_url, "job": view(row)})
+    return row
+
+
+def settle(
+    conn: Connection,
+    row: Row[Any],
+    status: str,
+    delivered: int,
+    now: datetime,
+    error: str | None = None,
+) -> Row[Any]:
+    """End a job: commit the hold for `delivered` outputs (at most the price) or release it.
+    The ledger resolves a hold once; the caller holds the job's row lock."""
+    charge = min(row.price, row.price_per_output * delivered)
+    hold = ledger.get_hold(conn, row.id)
+    if hold is not None and hold.status == "open":
+        hold = (
+            ledger.commit(conn, row.id, charge, now=now)
+            if charge
+            else ledger.release(conn, row.id, now=now)
+        )
+    charged = hold.committed if hold is not None else 0
+    return transition(
+        conn, row.id, status, now, charged=charged, refunded=row.price - charged, error=error
+    )
+
+
+def _insert_job(
+    conn: Connection,
+    job_id: str,
+    account_id: str,
+    spec: dict[str, Any],
+    status: str,
+    source: str,
+    now: datetime,
+    **values: Any,
+) -> None:
+    conn.execute(
+        insert(jobs).values(
+            id=job_id,
+            account_id=account_id,
+            type=str(spec.get("type", "unknown"))[:20],
+            spec=spec,
+            status=status,
+            outputs=[],
+            source=source,
+            created_at=now,
+            updated_at=now,
+            attempt=0,
+            **values,
+        )
+    )
+
+
+def _resolve_image_input(
+    conn: Connection, storage: Storage, account_id: str, spec: dict[str, Any]
+) -> None:
+    if "image_b64" in spec:
+        spec["image_id"] = store_image(
+            conn, storage, account_id, decode_b64(spec.pop("image_b64")), field="image_b64"
+        )
+    if "image_id" in spec:
+        image_key(conn, account_id, spec["image_id"])  # exists and is the account's own
+
+
+def submit(
+    engine: Engine,
+    storage: Storage,
+    account_id: str,
+    spec: Any,
+    *,
+    idempotency_key: str | None = None,
+    callback_url: str | None = None,
+    source: str = "http",
+) -> Submitted:
+    """Price, hold and enqueue a job. Raises InvalidJobSpec (bad spec, nothing recorded),
+    IdempotencyConflict, UnknownAccount, or JobRejected (insufficient credits: a `rejected`
+    job is recorded, without the idempotency key so a retry after buying credits works)."""
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX_LEN:
+        raise InvalidJobSpec("idempotency_key", f"must be 1..{IDEMPOTENCY_KEY_MAX_LEN} characters")
+    callback_url = specs.validate_callback_url(callback_url)
+    digest = request_hash(spec, callback_url)
+
+    def existing(conn: Connection) -> Row[Any] | None:
+        if idempotency_key is None:
+            return None
+        row = conn.execute(
+            select(jobs).where(
+                jobs.c.account_id == account_id, jobs.c.idempotency_key == idempotency_key
+            )
+        ).first()
+        if row is not None and row.request_hash != digest:
+            raise IdempotencyConflict(
+                f"idempotency key {idempotency_key!r} was used with a different request"
+            )
+        return row
+
+    found = run_transaction(engine, existing)
+    if found is not None:
+        return Submitted(view(found), created=False)
+    normalised, price = specs.validate(spec)
+    job_id = new_job_id()
+
+    def work(conn: Connection) -> Row[Any]:
+        again = existing(conn)
+        if again is not None:  # a concurrent retry won the race
+            return again
+        ledger.get_account(conn, account_id)
+        spec_ = dict(normalised)
+        _resolve_image_input(conn, storage, account_id, spec_)
+        now = utcnow()
+        _insert_job(
+            conn,
+            job_id,
+            account_id,
+            spec_,
+            states.QUEUED,
+            source,
+            now,
+            credit_kind=price.credit_kind,
+            price=price.credits,
+            price_per_output=price.breakdown.get("per_image", price.credits),
+            outputs_expected=specs.outputs_expected(spec_),
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+            callback_url=callback_url,
+            deadline_at=now + timedelta(seconds=deadline_s(spec_)),
+        )
+        ledger.hold(
+            conn,
+            account_id,
+            price.credit_kind,
+            price.credits,
+            reference=job_id,
+            ttl_s=hold_ttl_s(spec_),
+            now=now,
+        )
+        outbox.add(conn, "dispatch", job_id, {"job_id": job_id, "type": spec_["type"]})
+        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        outbox.add(conn, "event", job_id, event_payload(row))
+        return row
+
+    try:
+        row = run_transaction(engine, work)
+    except InsufficientCredits as exc:
+        _record_rejection(
+            engine,
+            job_id,
+            account_id,
+            normalised,
+            source,
+            price.credit_kind,
+            price.credits,
+            str(exc),
+        )
+        raise JobRejected(job_id, exc) from exc
+    return Submitted(view(row), created=row.id == job_id)
+
+
+def _record_rejection(
+    engine: Engine,
+    job_id: str,
+    account_id: str,
+    spec: dict[str, Any],
+    source: str,
+    credit_kind: str,
+    price: int,
+    reason: str,
+) -> None:
+    stored = {k: v for k, v in spec.items() if k != "image_b64"}
+
+    def work(conn: Connection) -> None:
+        now = utcnow()
+        _insert_job(
+            conn,
+            job_id,
+            account_id,
+            stored,
+            states.REJECTED,
+            source,
+            now,
+            credit_kind=credit_kind,
+            price=price,
+            price_per_output=0,
+            outputs_expected=0,
+            error=reason,
+            deadline_at=now,
+            finished_at=now,
+        )
+        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        outbox.add(conn, "event", job_id, event_payload(row))
+
+    run_transaction(engine, work)
+
+
+def get(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any]:
+    """A job, if it is `account_id`'s (None: any account, for operators)."""
+
+    def work(conn: Connection) -> Row[Any] | None:
+        stmt = select(jobs).where(jobs.c.id == job_id)
+        if account_id is not None:
+            stmt = stmt.where(jobs.c.account_id == account_id)
+        return conn.execute(stmt).first()
+
+    row = run_transaction(engine, work)
+    if row is None:
+        raise JobNotFound(job_id)
+    return view(row)
+
+
+def get_row(conn: Connection, account_id: str | None, job_id: str) -> Row[Any]:
+    stmt = select(jobs).where(jobs.c.id == job_id)
+    if account_id is not None:
+        stmt = stmt.where(jobs.c.account_id == account_id)
+    row = conn.execute(stmt).first()
+    if row is None:
+        raise JobNotFound(job_id)
+    return row
+
+
+def list_jobs(
+    engine: Engine, account_id: str | None, *, status: str | None = None, limit: int = 20
+) -> list[dict[str, Any]]:
+    if status is not None and status not in states.STATUSES:
+        raise InvalidJobSpec("status", f"must be one of {', '.join(states.STATUSES)}")
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise InvalidJobSpec("limit", f"must be in 1..{LIST_LIMIT_MAX}")
+    stmt = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+    if account_id is not None:
+        stmt = stmt.where(jobs.c.account_id == account_id)
+    if status is not None:
+        stmt = stmt.where(jobs.c.status == status)
+    return [view(r) for r in run_transaction(engine, lambda conn: conn.execute(stmt).all())]
+
+
+def cancel(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any]:
+    """Queued or dispatched: refunded now. Running: the worker stops at its next step and the
+    job is charged only for outputs already delivered. Ended: CannotCancel (canceled: as is)."""
+
+    def work(conn: Connection) -> Row[Any]:
+        get_row(conn, account_id, job_id)
+        row = lock_job(conn, job_id)
+        now = utcnow()
+        if row.status in (states.QUEUED, states.DISPATCHED):
+            return settle(conn, row, states.CANCELED, 0, now, error="canceled by the client")
+        if row.status == states.RUNNING:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(cancel_requested=True, updated_at=now)
+            )
+            return conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        if row.status == states.CANCELED:
+            return row
+        raise CannotCancel(f"job {job_id} is already {row.status}")
+
+    return view(run_transaction(engine, work))

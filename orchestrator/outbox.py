@@ -1,0 +1,75 @@
+"""Transactional outbox. `add` writes a message in the caller's transaction; `relay` publishes
+unpublished messages after commit: right away for the job just changed (fast path), and from
+Celery beat for anything a crash left behind. Publishing is at least once: consumers
+(workers, event readers, callback receivers) tolerate duplicates."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Final
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from billing.clock import utcnow
+from billing.db import run_transaction
+from orchestrator.tables import jobs, outbox
+
+log = logging.getLogger(__name__)
+
+TOPICS: Final = ("dispatch", "event", "callback")
+RELAY_BATCH_MAX: Final = 200
+
+Publisher = Callable[[str, dict[str, Any]], None]
+
+
+def add(conn: Connection, topic: str, job_id: str | None, payload: dict[str, Any]) -> None:
+    assert topic in TOPICS, topic
+    conn.execute(
+        insert(outbox).values(topic=topic, job_id=job_id, payload=payload, created_at=utcnow())
+    )
+
+
+def relay(
+    engine: Engine,
+    publish: Publisher,
+    *,
+    job_id: str | None = None,
+    min_age_s: float = 0.0,
+    limit: int = RELAY_BATCH_MAX,
+) -> int:
+    """Publish up to `limit` unpublished messages (one job's, or all older than `min_age_s`).
+    Rows are locked (SKIP LOCKED on PostgreSQL) so concurrent relays never double-send a
+    message they can see is taken; a crash after publish but before commit re-sends it."""
+
+    def work(conn: Connection) -> int:
+        stmt = select(outbox).where(outbox.c.published_at.is_(None)).order_by(outbox.c.id)
+        if job_id is not None:
+            stmt = stmt.where(outbox.c.job_id == job_id)
+        if min_age_s:
+            stmt = stmt.where(outbox.c.created_at <= utcnow() - timedelta(seconds=min_age_s))
+        rows = conn.execute(stmt.limit(limit).with_for_update(skip_locked=True)).all()
+        now = utcnow()
+        for row in rows:
+            publish(row.topic, row.payload)
+            conn.execute(update(outbox).where(outbox.c.id == row.id).values(published_at=now))
+            if row.topic == "dispatch":
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == row.job_id, jobs.c.status == "queued")
+                    .values(status="dispatched", updated_at=now)
+                )
+        return len(rows)
+
+    return run_transaction(engine, work)
+
+
+def relay_quietly(engine: Engine, publish: Publisher, job_id: str) -> None:
+    """The fast path after a commit: failures are left for the beat re-publisher."""
+    try:
+        relay(engine, publish, job_id=job_id)
+    except Exception:
+        log.warning(
+            "outbox fast path failed for %s; the re-publisher will retry", job_id, exc_info=True
+        )

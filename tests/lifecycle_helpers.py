@@ -1,0 +1,72 @@
+"""Helpers for end-to-end job tests against a real Celery worker."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from billing import ledger
+from billing.db import run_transaction
+from orchestrator import jobs
+from orchestrator.dispatch import Publisher
+from orchestrator.outbox import relay
+from orchestrator.states import TERMINAL
+from orchestrator.storage import Storage
+from orchestrator.tables import job_results
+from orchestrator.tables import jobs as jobs_table
+
+WAIT_TIMEOUT_S = 45
+
+
+def submit(
+    engine: Engine,
+    storage: Storage,
+    redis_url: str,
+    account: str,
+    spec: dict[str, Any],
+    *,
+    publish: bool = True,
+) -> str:
+    job_id = jobs.submit(engine, storage, account, spec).job["id"]
+    if publish:
+        relay(engine, Publisher(redis_url), job_id=job_id)
+    return str(job_id)
+
+
+def row(engine: Engine, job_id: str) -> Any:
+    return run_transaction(
+        engine, lambda c: c.execute(select(jobs_table).where(jobs_table.c.id == job_id)).one()
+    )
+
+
+def wait_until(
+    engine: Engine, job_id: str, predicate: Any, timeout_s: float = WAIT_TIMEOUT_S
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = row(engine, job_id)
+        if predicate(current):
+            return current
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} stuck at {row(engine, job_id).status}")
+
+
+def wait_terminal(engine: Engine, job_id: str, timeout_s: float = WAIT_TIMEOUT_S) -> Any:
+    return wait_until(engine, job_id, lambda r: r.status in TERMINAL, timeout_s)
+
+
+def available(engine: Engine, account: str, kind: str = "image") -> int:
+    return run_transaction(engine, lambda c: ledger.get_balance(c, account, kind)).available
+
+
+def results(engine: Engine, job_id: str) -> list[Any]:
+    return list(
+        run_transaction(
+            engine,
+            lambda c: c.execute(
+                select(job_results).where(job_results.c.job_id == job_id).order_by(job_results.c.id)
+            ).all(),
+        )
+    )

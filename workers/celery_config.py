@@ -1,0 +1,63 @@
+"""Celery configuration for Tollgate (no model imports: the API and intake use it to send)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from orchestrator.families import (
+    CALLBACK_QUEUE,
+    CALLBACK_TASK,
+    FAMILIES,
+    GPU_QUEUES,
+    MAINTENANCE_QUEUE,
+    VISIBILITY_TIMEOUT_S,
+)
+
+TASK_MODULES = (
+    "workers.txt2img",
+    "workers.upscale",
+    "workers.face_enhance",
+    "workers.remove_background",
+    "workers.callbacks",
+    "workers.maintenance",
+)
+REAP_INTERVAL_S = 15
+REPUBLISH_INTERVAL_S = 5
+
+
+def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> Celery:
+    if not redis_url:
+        raise RuntimeError("TOLLGATE_REDIS_URL is not set (tollgate standalone sets it for you)")
+    app = Celery("tollgate", broker=redis_url, backend=redis_url, include=list(include))
+    routes: dict[str, Any] = {f.task_name: {"queue": f.queue} for f in FAMILIES.values()}
+    routes[CALLBACK_TASK] = {"queue": CALLBACK_QUEUE}
+    routes["tollgate.reap"] = {"queue": MAINTENANCE_QUEUE}
+    routes["tollgate.republish"] = {"queue": MAINTENANCE_QUEUE}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        task_track_started=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=timedelta(days=1),
+        task_queues=[Queue(q) for q in (*GPU_QUEUES, CALLBACK_QUEUE, MAINTENANCE_QUEUE)],
+        task_default_queue=MAINTENANCE_QUEUE,
+        task_routes=routes,
+        beat_schedule={
+            "reap": {"task": "tollgate.reap", "schedule": REAP_INTERVAL_S},
+            "republish": {"task": "tollgate.republish", "schedule": REPUBLISH_INTERVAL_S},
+        },
+        worker_hijack_root_logger=False,
+    )
+    return app

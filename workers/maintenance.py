@@ -1,0 +1,22 @@
+"""Beat tasks: the reaper and the outbox re-publisher."""
+
+from __future__ import annotations
+
+from orchestrator.db import get_engine
+from orchestrator.dispatch import get_publisher
+from orchestrator.outbox import relay
+from orchestrator.reaper import reap
+from workers.app import app
+
+# Messages younger than this are left to the fast path of the process that wrote them.
+REPUBLISH_MIN_AGE_S = 2.0
+
+
+@app.task(name="tollgate.reap")
+def reap_task() -> int:
+    return len(reap(get_engine()))
+
+
+@app.task(name="tollgate.republish")
+def republish_task() -> int:
+    return relay(get_engine(), get_publisher(), min_age_s=REPUBLISH_MIN_AGE_S)

@@ -1,0 +1,61 @@
+"""What every family's task does: run the job through orchestrator.execution with the
+family's runner. Runners are looked up by job type, so a test worker can register its own
+behaviours without touching the product's tasks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+
+from orchestrator.db import get_engine
+from orchestrator.dispatch import get_publisher
+from orchestrator.events import append_event
+from orchestrator.execution import Runner, execute
+from orchestrator.outbox import relay_quietly
+from orchestrator.storage import get_storage
+
+_runners: dict[str, Runner] = {}
+_factories: dict[str, Callable[[], Runner]] = {}
+
+
+def register(job_type: str, factory: Callable[[], Runner]) -> None:
+    """Declare how to build the runner for `job_type` (built once per worker process)."""
+    _factories[job_type] = factory
+    _runners.pop(job_type, None)
+
+
+def runner_for(job_type: str) -> Runner:
+    if job_type not in _runners:
+        _runners[job_type] = _factories[job_type]()
+    return _runners[job_type]
+
+
+def run_job(task: Task, job_type: str, job_id: str) -> dict[str, Any]:
+    engine, publisher = get_engine(), get_publisher()
+
+    def on_progress(step: int, total: int) -> None:
+        with contextlib.suppress(Exception):  # best effort: the job row has the truth
+            append_event(
+                publisher.redis,
+                {
+                    "job_id": job_id,
+                    "type": job_type,
+                    "status": "running",
+                    "step": step,
+                    "total": total,
+                },
+            )
+
+    result = execute(
+        engine,
+        get_storage(),
+        job_id,
+        task.request.hostname or "worker",
+        runner_for(job_type),
+        on_progress,
+    )
+    relay_quietly(engine, publisher, job_id)
+    return result
