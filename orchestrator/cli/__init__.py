@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from orchestrator.cli.ledger import accounts, credits, db, ledger_group, quote
+from orchestrator.cli.processes import demo, standalone
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,5 +13,5 @@ def main() -> None:
     """Tollgate: credit-gated GPU job orchestrator for image AI."""
 
 
-for command in (quote, db, accounts, credits, ledger_group):
+for command in (quote, db, accounts, credits, ledger_group, standalone, demo):
     main.add_command(command)
