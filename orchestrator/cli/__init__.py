@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from orchestrator.cli.api import api
+from orchestrator.cli.jobs import intake, jobs, submit
 from orchestrator.cli.ledger import accounts, credits, db, ledger_group, quote
 from orchestrator.cli.processes import demo, standalone
 
@@ -13,5 +15,17 @@ def main() -> None:
     """Tollgate: credit-gated GPU job orchestrator for image AI."""
 
 
-for command in (quote, db, accounts, credits, ledger_group, standalone, demo):
+for command in (
+    quote,
+    db,
+    accounts,
+    credits,
+    ledger_group,
+    standalone,
+    demo,
+    submit,
+    jobs,
+    intake,
+    api,
+):
     main.add_command(command)

@@ -1,0 +1,1 @@
+"""Tollgate's HTTP API (FastAPI). `orchestrator.api.app.create_app()` builds it."""

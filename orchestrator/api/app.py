@@ -1,0 +1,148 @@
+"""The HTTP API: `create_app()` wires the routers, error mapping, health and metrics.
+
+Service errors map to HTTP here, so routes stay thin; every error body is JSON with a
+`detail` (and `field` for a 422, `needed`/`available` for a 402).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+import billing
+from orchestrator import db, jobs
+from orchestrator.api import routes_account, routes_admin, routes_jobs
+from orchestrator.api.deps import EngineDep
+from orchestrator.api.metrics import RequestMetrics, make_registry
+from orchestrator.api.schemas import Health
+from orchestrator.images import InvalidImage, UnknownImage
+from orchestrator.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Credit-gated GPU jobs. Authenticate with `Authorization: Bearer <api key>`
+(admin routes: the admin token). Quote a spec, submit it (credits are held), poll it, fetch
+its outputs; a job is charged only for delivered outputs and refunded otherwise."""
+
+
+def _error(code: int, detail: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=code)
+
+
+def _insufficient(exc: billing.InsufficientCredits, job_id: str | None = None) -> JSONResponse:
+    return _error(
+        status.HTTP_402_PAYMENT_REQUIRED,
+        str(exc),
+        needed=exc.needed,
+        available=exc.available,
+        credit_kind=exc.kind,
+        job_id=job_id,
+    )
+
+
+def _field_of(loc: tuple[Any, ...]) -> str:
+    """The offending field from a pydantic error location (`body`, a model name or a list
+    index are skipped: ("body", "JobRequest", "spec", "steps") -> "spec.steps")."""
+    if not loc:
+        return "body"
+    parts = [p for p in loc[1:] if isinstance(p, str) and not p[:1].isupper()]
+    return ".".join(parts) or str(loc[0])
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, billing.InvalidJobSpec | billing.InvalidAmount | InvalidImage)
+        return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc), field=exc.field)
+
+    async def unknown_image(request: Request, exc: Exception) -> JSONResponse:
+        return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc), field="image_id")
+
+    async def validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        field = _field_of(tuple(first.get("loc", ("body",))))
+        return _error(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"{field}: {first.get('msg')}", field=field
+        )
+
+    async def rejected(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, jobs.JobRejected)
+        if isinstance(exc.cause, billing.InsufficientCredits):
+            return _insufficient(exc.cause, exc.job_id)
+        return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc), job_id=exc.job_id)
+
+    async def insufficient(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, billing.InsufficientCredits)
+        return _insufficient(exc)
+
+    def plain(code: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            return _error(code, str(exc))
+
+        return handler
+
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
+
+    for invalid_type in (billing.InvalidJobSpec, billing.InvalidAmount, InvalidImage):
+        app.add_exception_handler(invalid_type, invalid)
+    app.add_exception_handler(UnknownImage, unknown_image)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(jobs.JobRejected, rejected)
+    app.add_exception_handler(billing.InsufficientCredits, insufficient)
+    plain_errors: tuple[tuple[type[Exception], int], ...] = (
+        (jobs.JobNotFound, status.HTTP_404_NOT_FOUND),
+        (billing.UnknownAccount, status.HTTP_404_NOT_FOUND),
+        (jobs.IdempotencyConflict, status.HTTP_409_CONFLICT),
+        (jobs.CannotCancel, status.HTTP_409_CONFLICT),
+        (billing.ReferenceConflict, status.HTTP_409_CONFLICT),
+    )
+    for error_type, code in plain_errors:
+        app.add_exception_handler(error_type, plain(code))
+    app.add_exception_handler(Exception, internal)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Tollgate", version="0.1.0", description=DESCRIPTION)
+    _install_error_handlers(app)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_account.router)
+    app.include_router(routes_admin.router)
+
+    registry, requests, latency = make_registry(db.get_engine, lambda: get_settings().redis_url)
+    app.add_middleware(RequestMetrics, requests=requests, latency=latency)
+
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["ops"],
+        responses={503: {"model": Health, "description": "the database is unreachable"}},
+    )
+    def healthz(engine: EngineDep) -> Any:
+        """200 when the database answers, else 503."""
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            log.warning("healthz: database unreachable: %s", exc)
+            return JSONResponse(
+                {"status": "unavailable", "detail": "database unreachable"},
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            )
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

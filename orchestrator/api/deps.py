@@ -1,0 +1,72 @@
+"""Dependencies: the engine, storage and publisher of this process, and authentication.
+
+Clients send `Authorization: Bearer <api key>`; keys are looked up by their hash. Admin
+routes take `Bearer <TOLLGATE_ADMIN_TOKEN>` and are disabled (403) while it is empty.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+
+from billing.db import run_transaction
+from orchestrator import db, dispatch, storage
+from orchestrator.accounts import account_for_key
+from orchestrator.outbox import Publisher
+from orchestrator.settings import get_settings
+
+bearer = HTTPBearer(auto_error=False, description="an API key, or the admin token")
+AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
+
+
+def get_engine() -> Engine:
+    return db.get_engine()
+
+
+def get_storage() -> storage.Storage:
+    return storage.get_storage()
+
+
+def get_publisher() -> Publisher:
+    return dispatch.get_publisher()
+
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+StorageDep = Annotated[storage.Storage, Depends(get_storage)]
+PublisherDep = Annotated[Publisher, Depends(get_publisher)]
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers=AUTH_HEADERS)
+
+
+def current_account(credentials: Credentials, engine: EngineDep) -> str:
+    """The account id of the caller's API key (401 without one or with a bad one)."""
+    if credentials is None:
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <api key>'")
+    key = credentials.credentials
+    account_id = run_transaction(engine, lambda conn: account_for_key(conn, key))
+    if account_id is None:
+        raise _unauthorized("invalid or revoked API key")
+    return account_id
+
+
+def require_admin(credentials: Credentials) -> None:
+    token = get_settings().admin_token
+    if not token:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "admin routes are disabled (TOLLGATE_ADMIN_TOKEN is empty)"
+        )
+    if credentials is None:
+        raise _unauthorized("missing admin token: send 'Authorization: Bearer <admin token>'")
+    if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+        raise _unauthorized("invalid admin token")
+
+
+AccountId = Annotated[str, Depends(current_account)]
+Admin = Depends(require_admin)

@@ -1,0 +1,72 @@
+"""Operator routes: accounts and credit grants (Bearer TOLLGATE_ADMIN_TOKEN)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from fastapi import APIRouter, Response, status
+
+from billing import ledger
+from billing.db import run_transaction
+from orchestrator import accounts
+from orchestrator.api.deps import Admin, EngineDep
+from orchestrator.api.schemas import AccountIn, AccountOut, ErrorOut, GrantIn, GrantOut
+
+router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Admin])
+
+ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    401: {"model": ErrorOut, "description": "missing or bad admin token"},
+    403: {"model": ErrorOut, "description": "admin routes disabled (no TOLLGATE_ADMIN_TOKEN)"},
+    422: {"model": ErrorOut, "description": "bad input; `field` names it"},
+}
+
+
+@router.post(
+    "/accounts",
+    response_model=AccountOut,
+    status_code=status.HTTP_201_CREATED,
+    responses=ERRORS,
+)
+def create_account(body: AccountIn, engine: EngineDep) -> dict[str, str]:
+    """Create an account and its API key (shown once)."""
+    new = accounts.create_account(engine, body.name, body.plan)
+    return {"id": new.id, "api_key": new.api_key}
+
+
+@router.post(
+    "/accounts/{account_id}/grants",
+    response_model=GrantOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        **ERRORS,
+        200: {"model": GrantOut, "description": "this reference was already granted"},
+        404: {"model": ErrorOut, "description": "unknown account"},
+        409: {"model": ErrorOut, "description": "reference already used for another grant"},
+    },
+)
+def grant_credits(
+    account_id: str, body: GrantIn, engine: EngineDep, response: Response
+) -> dict[str, Any]:
+    """Add credits. Idempotent on `reference` (201 the first time, 200 after)."""
+    granted = run_transaction(
+        engine,
+        lambda conn: ledger.grant(
+            conn,
+            account_id,
+            body.kind,
+            body.amount,
+            source=body.source,
+            reference=body.reference,
+            expires_at=body.expires_at,
+        ),
+    )
+    if not granted.created:
+        response.status_code = status.HTTP_200_OK
+    return {
+        "id": granted.id,
+        "account_id": granted.account_id,
+        "kind": granted.kind,
+        "amount": granted.amount,
+        "reference": granted.reference,
+        "created": granted.created,
+    }

@@ -1,0 +1,258 @@
+"""Quotes, jobs, outputs and input images. Service errors become HTTP errors in app.py."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+from sqlalchemy import Connection, select
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.types import Message
+
+import billing
+from billing.db import run_transaction
+from orchestrator import jobs, states
+from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
+from orchestrator.api.schemas import (
+    ErrorOut,
+    ImageOut,
+    InsufficientOut,
+    JobList,
+    JobOut,
+    JobRequest,
+    JobSpec,
+    QuoteOut,
+)
+from orchestrator.images import IMAGE_BYTES_MAX, InvalidImage, store_image
+from orchestrator.outbox import relay_quietly
+from orchestrator.tables import images
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+# Room for multipart boundaries and part headers around an image of IMAGE_BYTES_MAX.
+MULTIPART_OVERHEAD_MAX: Final = 64 * 1024
+IMAGE_CONTENT_TYPES: Final = ("image/png", "image/jpeg", "image/webp")
+ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    401: {"model": ErrorOut, "description": "missing or bad API key"},
+    422: {"model": ErrorOut, "description": "bad input; `field` names it"},
+}
+JOB_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    **ERRORS,
+    404: {"model": ErrorOut, "description": "no such job (or not yours)"},
+}
+
+
+@router.post("/quote", response_model=QuoteOut, responses=ERRORS)
+def quote(spec: JobSpec, _account: AccountId) -> dict[str, Any]:
+    """Price a job spec. Places no hold."""
+    return billing.quote(spec.as_spec()).as_dict()
+
+
+@router.post(
+    "/jobs",
+    response_model=JobOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={
+        **ERRORS,
+        200: {"model": JobOut, "description": "an Idempotency-Key replay: the same job"},
+        402: {"model": InsufficientOut, "description": "not enough credits"},
+        409: {"model": ErrorOut, "description": "Idempotency-Key reused with another body"},
+    },
+)
+def submit_job(
+    body: Annotated[JobRequest | JobSpec, Body()],
+    account_id: AccountId,
+    engine: EngineDep,
+    storage: StorageDep,
+    publish: PublisherDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    """Submit a job: `{"spec": {...}, "callback_url": ...}`, or a bare spec. It is priced,
+    the credits are held, and it is queued. With `Idempotency-Key`, retrying the same body
+    returns the same job (200); another body under that key is a 409."""
+    if isinstance(body, JobRequest):
+        spec, callback_url = body.spec, body.callback_url
+    else:
+        spec, callback_url = body.as_spec(), None
+    submitted = jobs.submit(
+        engine,
+        storage,
+        account_id,
+        spec,
+        idempotency_key=idempotency_key,
+        callback_url=callback_url,
+    )
+    relay_quietly(engine, publish, submitted.job["id"])
+    if not submitted.created:
+        response.status_code = status.HTTP_200_OK
+    return submitted.job
+
+
+@router.get("/jobs", response_model=JobList, responses=ERRORS)
+def list_jobs(
+    account_id: AccountId,
+    engine: EngineDep,
+    job_status: Annotated[str | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=jobs.LIST_LIMIT_MAX)] = 20,
+) -> dict[str, Any]:
+    """Your jobs, newest first."""
+    return {"jobs": jobs.list_jobs(engine, account_id, status=job_status, limit=limit)}
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS)
+def get_job(job_id: str, account_id: AccountId, engine: EngineDep) -> dict[str, Any]:
+    return jobs.get(engine, account_id, job_id)
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobOut,
+    responses={
+        **JOB_ERRORS,
+        202: {"model": JobOut, "description": "running: cancel requested"},
+        409: {"model": ErrorOut, "description": "the job already ended"},
+    },
+)
+def cancel_job(
+    job_id: str,
+    account_id: AccountId,
+    engine: EngineDep,
+    publish: PublisherDep,
+    response: Response,
+) -> dict[str, Any]:
+    """Queued or dispatched: canceled and refunded now (200). Running: the worker stops at
+    its next step and charges only delivered outputs (202). Ended: 409."""
+    job = jobs.cancel(engine, account_id, job_id)
+    relay_quietly(engine, publish, job_id)
+    if job["status"] == states.RUNNING:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return job
+
+
+@router.get(
+    "/jobs/{job_id}/outputs/{index}",
+    response_class=Response,
+    responses={
+        **JOB_ERRORS,
+        200: {"content": {"image/png": {}}, "description": "the PNG"},
+    },
+)
+def get_output(
+    job_id: str, index: int, account_id: AccountId, engine: EngineDep, storage: StorageDep
+) -> Response:
+    """The PNG bytes of delivered output `index`."""
+    row = run_transaction(engine, lambda conn: jobs.get_row(conn, account_id, job_id))
+    found = [o for o in row.outputs or [] if o.get("index") == index and o.get("delivered")]
+    if not found or not found[0].get("key"):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no output {index}")
+    try:
+        data = storage.get(found[0]["key"])
+    except FileNotFoundError:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"output {index} of job {job_id} is no longer stored"
+        ) from None
+    return Response(data, media_type="image/png")
+
+
+class TooLarge(Exception):
+    pass
+
+
+def _bounded(request: Request, limit: int) -> Request:
+    """The request, reading at most `limit` body bytes (TooLarge past that)."""
+    seen = 0
+
+    async def receive() -> Message:
+        nonlocal seen
+        message = await request.receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise TooLarge
+        return message
+
+    return Request(request.scope, receive)
+
+
+async def _read_upload(request: Request) -> bytes:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    multipart = content_type == "multipart/form-data"
+    if not multipart and content_type not in IMAGE_CONTENT_TYPES:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            "send multipart/form-data with a `file` field, or the raw image with "
+            "Content-Type image/png, image/jpeg or image/webp",
+        )
+    limit = IMAGE_BYTES_MAX + (MULTIPART_OVERHEAD_MAX if multipart else 0)
+    too_large = HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE, f"images are limited to {IMAGE_BYTES_MAX} bytes"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    bounded = _bounded(request, limit)
+    try:
+        if not multipart:
+            data = await bounded.body()
+        else:
+            async with bounded.form(max_files=1, max_fields=10) as form:
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    raise InvalidImage("file", "missing: send the image as the `file` field")
+                data = await upload.read(IMAGE_BYTES_MAX + 1)
+    except TooLarge:
+        raise too_large from None
+    if len(data) > IMAGE_BYTES_MAX:
+        raise too_large
+    return data
+
+
+@router.post(
+    "/images",
+    response_model=ImageOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        **ERRORS,
+        413: {"model": ErrorOut, "description": f"over {IMAGE_BYTES_MAX} bytes"},
+        415: {"model": ErrorOut, "description": "neither multipart nor an image type"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                        "required": ["file"],
+                    }
+                },
+                **{
+                    t: {"schema": {"type": "string", "format": "binary"}}
+                    for t in IMAGE_CONTENT_TYPES
+                },
+            },
+        }
+    },
+)
+async def upload_image(
+    request: Request, account_id: AccountId, engine: EngineDep, storage: StorageDep
+) -> dict[str, Any]:
+    """Upload an input image: multipart/form-data with a `file` field, or the raw bytes
+    with Content-Type image/png, image/jpeg or image/webp. At most IMAGE_BYTES_MAX bytes and
+    4096 px a side; PNG, JPEG or WebP; decompression bombs are refused (422)."""
+    data = await _read_upload(request)
+
+    def work(conn: Connection) -> dict[str, Any]:
+        image_id = store_image(conn, storage, account_id, data, field="file")
+        row = conn.execute(select(images).where(images.c.id == image_id)).one()
+        return {
+            "image_id": row.id,
+            "width": row.width,
+            "height": row.height,
+            "format": row.format,
+            "bytes": row.bytes,
+        }
+
+    return await run_in_threadpool(run_transaction, engine, work)

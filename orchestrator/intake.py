@@ -1,0 +1,556 @@
+"""The Redis-queue intake: a consumer group on `tollgate:jobs` that turns messages into jobs.
+
+Clients `XADD tollgate:jobs * job '<json>'` with
+`{"account_id": ..., "idempotency_key": ..., "spec": {...}, "callback_url": optional}`.
+Each message is parsed, submitted (price, hold, job row, outbox) and relayed; then the intake
+appends an `accepted` event to `tollgate:events` (job_id, job_status, idempotency_key,
+message_id) and acknowledges the message.
+
+Delivery is at least once, and duplicate processing is harmless: submit is idempotent on the
+message's idempotency key. A message without a key gets one derived from its stream message
+id (`msg:<id>`), so a redelivered or re-claimed message never creates a second job.
+
+Messages that can never succeed (malformed, invalid spec, insufficient credits, unknown
+account, idempotency conflict, bad image) go to `tollgate:jobs:dead` (original `job` text,
+`reason`, `message_id`, `consumer`, plus what could be parsed) and are acknowledged, in one
+MULTI. Anything else (database or Redis down, a bug) leaves the message unacknowledged: the
+consumer backs off until its dependencies answer, then retries its own pending messages.
+Pending messages of a dead consumer are taken over with XAUTOCLAIM after `claim_min_idle_ms`;
+a message delivered more than `max_deliveries` times is dead-lettered as poison.
+
+Acknowledged messages are also deleted (XDEL), so the jobs stream only holds messages not yet
+handled; the dead-letter stream is capped at `DEAD_MAXLEN` entries (approximately).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Final
+
+import redis
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from billing import InsufficientCredits, InvalidJobSpec, UnknownAccount
+from orchestrator import jobs
+from orchestrator.events import EVENTS_MAXLEN, EVENTS_STREAM
+from orchestrator.images import InvalidImage, UnknownImage
+from orchestrator.outbox import Publisher, relay_quietly
+from orchestrator.storage import Storage
+from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN
+
+log = logging.getLogger(__name__)
+
+JOBS_STREAM: Final = "tollgate:jobs"
+DEAD_STREAM: Final = "tollgate:jobs:dead"
+GROUP: Final = "tollgate-intake"
+DEAD_MAXLEN: Final = 100_000
+# Base64 of a 20 MiB input image plus the rest of the request.
+JOB_TEXT_MAX_BYTES: Final = 32 * 1024 * 1024
+ACCOUNT_ID_MAX_LEN: Final = 64
+DERIVED_KEY_PREFIX: Final = "msg:"
+MESSAGE_FIELDS: Final = frozenset({"account_id", "idempotency_key", "spec", "callback_url"})
+
+BATCH_SIZE_MAX: Final = 100
+BLOCK_MS_MAX: Final = 10_000
+MAX_DELIVERIES_MAX: Final = 100
+BACKOFF_MAX_S: Final = 30.0
+
+# Refusals that no retry can fix: dead-lettered.
+PERMANENT_ERRORS: Final = (
+    InvalidJobSpec,
+    UnknownAccount,
+    jobs.IdempotencyConflict,
+    jobs.JobRejected,
+    InvalidImage,
+    UnknownImage,
+)
+# Outages: logged without a traceback. Any other error is retried too (and bounded by
+# `max_deliveries`), with a traceback.
+TRANSIENT_ERRORS: Final = (OperationalError, InterfaceError, redis.RedisError, OSError)
+
+
+# --- parsing (pure) ---------------------------------------------------------------------
+
+
+class MalformedMessage(Exception):
+    """A message that is not a job request; the text is the dead-letter reason."""
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    account_id: str
+    idempotency_key: str
+    spec: dict[str, Any]
+    callback_url: str | None
+    key_derived: bool  # True: the key is `msg:<message id>`, the client gave none
+
+
+def derived_key(message_id: str) -> str:
+    return f"{DERIVED_KEY_PREFIX}{message_id}"
+
+
+def _decode_job_text(fields: Mapping[str, Any]) -> dict[str, Any]:
+    raw = fields.get("job")
+    if raw is None:
+        raise MalformedMessage("missing field 'job'")
+    if not isinstance(raw, str):
+        raise MalformedMessage("field 'job' must be text")
+    if len(raw.encode()) > JOB_TEXT_MAX_BYTES:
+        raise MalformedMessage(f"job: larger than {JOB_TEXT_MAX_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise MalformedMessage(f"job: not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise MalformedMessage("job: must be a JSON object")
+    return body
+
+
+def _optional_str(body: Mapping[str, Any], name: str, max_len: int) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= max_len:
+        raise MalformedMessage(f"{name}: must be a string of 1..{max_len} characters")
+    return value
+
+
+def parse_job(fields: Mapping[str, Any], message_id: str) -> JobRequest:
+    """Check a stream message's shape (not the spec itself: submit validates that).
+    Raises MalformedMessage naming the problem."""
+    body = _decode_job_text(fields)
+    unknown = sorted(set(body) - MESSAGE_FIELDS)
+    if unknown:
+        raise MalformedMessage(f"unknown field(s): {', '.join(unknown)}")
+    account_id = _optional_str(body, "account_id", ACCOUNT_ID_MAX_LEN)
+    if account_id is None:
+        raise MalformedMessage("account_id: missing")
+    spec = body.get("spec")
+    if spec is None:
+        raise MalformedMessage("spec: missing")
+    if not isinstance(spec, dict):
+        raise MalformedMessage("spec: must be a JSON object")
+    key = _optional_str(body, "idempotency_key", IDEMPOTENCY_KEY_MAX_LEN)
+    callback_url = body.get("callback_url")
+    if callback_url is not None and not isinstance(callback_url, str):
+        raise MalformedMessage("callback_url: must be a string")
+    return JobRequest(
+        account_id=account_id,
+        idempotency_key=key if key is not None else derived_key(message_id),
+        spec=spec,
+        callback_url=callback_url,
+        key_derived=key is None,
+    )
+
+
+def best_effort_ids(fields: Mapping[str, Any]) -> dict[str, str]:
+    """account_id and idempotency_key of a message that may be malformed (for dead letters,
+    so a client can find its own)."""
+    try:
+        body = json.loads(fields.get("job") or "")
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    return {
+        k: body[k]
+        for k in ("account_id", "idempotency_key")
+        if isinstance(body.get(k), str) and len(body[k]) <= IDEMPOTENCY_KEY_MAX_LEN
+    }
+
+
+def refusal(exc: Exception) -> dict[str, str]:
+    """Dead-letter fields for a permanent refusal: `reason` and `kind`, plus details."""
+    if isinstance(exc, MalformedMessage):
+        return {"kind": "malformed", "reason": f"malformed message: {exc}"}
+    if isinstance(exc, jobs.JobRejected) and isinstance(exc.cause, InsufficientCredits):
+        cause = exc.cause
+        return {
+            "kind": "insufficient_credits",
+            "reason": str(cause),
+            "job_id": exc.job_id,
+            "credit_kind": cause.kind,
+            "needed": str(cause.needed),
+            "available": str(cause.available),
+        }
+    if isinstance(exc, InvalidJobSpec | InvalidImage):
+        return {"kind": "invalid_spec", "reason": f"invalid {exc}", "field": exc.field}
+    if isinstance(exc, UnknownAccount):
+        return {"kind": "unknown_account", "reason": str(exc)}
+    if isinstance(exc, jobs.IdempotencyConflict):
+        return {"kind": "idempotency_conflict", "reason": str(exc)}
+    if isinstance(exc, UnknownImage):
+        return {"kind": "unknown_image", "reason": f"unknown image {exc}"}
+    return {"kind": type(exc).__name__, "reason": str(exc)}
+
+
+# --- the consumer -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    batch_size: int = 16
+    block_ms: int = 2_000
+    claim_min_idle_ms: int = 30_000
+    claim_count: int = 16
+    claim_interval_s: float = 5.0
+    max_deliveries: int = 5
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = BACKOFF_MAX_S
+    stream: str = JOBS_STREAM
+    dead_stream: str = DEAD_STREAM
+    group: str = GROUP
+    dead_maxlen: int = DEAD_MAXLEN
+
+    def __post_init__(self) -> None:
+        bounds = {
+            "batch_size": (self.batch_size, 1, BATCH_SIZE_MAX),
+            "block_ms": (self.block_ms, 1, BLOCK_MS_MAX),
+            "claim_count": (self.claim_count, 1, BATCH_SIZE_MAX),
+            "max_deliveries": (self.max_deliveries, 1, MAX_DELIVERIES_MAX),
+            "claim_min_idle_ms": (self.claim_min_idle_ms, 0, 24 * 3600 * 1000),
+        }
+        for name, (value, lo, hi) in bounds.items():
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} must be in {lo}..{hi}, got {value}")
+        if not 0 < self.backoff_initial_s <= self.backoff_max_s <= BACKOFF_MAX_S:
+            raise ValueError(f"need 0 < backoff_initial_s <= backoff_max_s <= {BACKOFF_MAX_S}")
+
+
+class Outcome(Enum):
+    ACCEPTED = "accepted"
+    DEAD = "dead"
+    RETRY = "retry"
+
+
+@dataclass
+class Stats:
+    accepted: int = 0
+    dead: int = 0
+    retried: int = 0
+    claimed: int = 0
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+Message = tuple[str, dict[str, Any] | None]
+
+
+@dataclass
+class Consumer:
+    """One member of the intake consumer group. `run()` loops until `stop()`; `step()` does
+    one round (own pending after a failure, claims, new messages) for tests."""
+
+    engine: Engine
+    storage: Storage
+    redis: redis.Redis
+    publish: Publisher
+    name: str = field(default_factory=default_consumer_name)
+    config: IntakeConfig = field(default_factory=IntakeConfig)
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._recheck_own = True  # at start: messages a previous run under this name left
+        self._claim_cursor = "0-0"
+        self._next_claim_at = 0.0
+        self._backoff_s = 0.0
+        self._group_ready = False
+
+    # -- lifecycle --
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.config.stream, self.config.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def run(self) -> Stats:
+        log.info("intake %s reading %s", self.name, self.config.stream)
+        while not self.stopping:
+            if self._backoff_s and not self._healthy_after_backoff():
+                continue
+            try:
+                self.step()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("intake %s: redis unavailable (%s); backing off", self.name, exc)
+                self._group_ready = False  # NOGROUP: the stream was deleted; create it again
+                self._fail()
+                continue
+            if not self._recheck_own:  # the round went through
+                self._backoff_s = 0.0
+        self._leave_group()
+        log.info("intake %s stopped: %s", self.name, self.stats)
+        return self.stats
+
+    def step(self) -> int:
+        """One round; returns how many messages were handled."""
+        if not self._group_ready:
+            self.ensure_group()
+        if self._recheck_own:
+            own = self._read(own_pending=True)
+            # A full batch: there may be more; read own pending again next round.
+            self._recheck_own = len(own) >= self.config.batch_size
+            return self._handle_all(own, check_deliveries=True)
+        handled = 0
+        if time.monotonic() >= self._next_claim_at:
+            self._next_claim_at = time.monotonic() + self.config.claim_interval_s
+            # Claim only while the database answers: during an outage, claims would only
+            # raise delivery counts towards the poison bound.
+            if self.probe() is None:
+                handled += self._handle_all(self._claim(), check_deliveries=True)
+        if not self.stopping and not self._recheck_own:
+            handled += self._handle_all(self._read(own_pending=False), check_deliveries=False)
+        return handled
+
+    # -- reading --
+
+    def _read(self, *, own_pending: bool) -> list[Message]:
+        reply: Any = self.redis.xreadgroup(
+            self.config.group,
+            self.name,
+            {self.config.stream: "0" if own_pending else ">"},
+            count=self.config.batch_size,
+            block=None if own_pending else self.config.block_ms,
+        )
+        if not reply:
+            return []
+        _stream, messages = reply[0]
+        return list(messages)
+
+    def _claim(self) -> list[Message]:
+        reply: Any = self.redis.xautoclaim(
+            self.config.stream,
+            self.config.group,
+            self.name,
+            self.config.claim_min_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.config.claim_count,
+        )
+        self._claim_cursor = reply[0]
+        claimed = [(mid, fields) for mid, fields in reply[1] if mid is not None]
+        self.stats.claimed += len(claimed)
+        if claimed:
+            log.info("intake %s claimed %d idle message(s)", self.name, len(claimed))
+        return claimed
+
+    def _deliveries(self, message_id: str) -> int:
+        rows = self.redis.xpending_range(
+            self.config.stream, self.config.group, min=message_id, max=message_id, count=1
+        )
+        return int(rows[0]["times_delivered"]) if rows else 0
+
+    # -- handling --
+
+    def _handle_all(self, messages: Iterable[Message], *, check_deliveries: bool) -> int:
+        handled = 0
+        for message_id, fields in messages:
+            if self.stopping:
+                break  # graceful stop: the rest stay pending, to be re-read or claimed
+            handled += 1
+            if fields is None:  # deleted while pending: nothing to do
+                self._ack(message_id)
+                continue
+            if check_deliveries and self._is_poison(message_id, fields):
+                continue
+            if self.handle(message_id, fields) is Outcome.RETRY:
+                self._fail()
+                break
+        return handled
+
+    def _is_poison(self, message_id: str, fields: Mapping[str, Any]) -> bool:
+        deliveries = self._deliveries(message_id)
+        if deliveries <= self.config.max_deliveries:
+            return False
+        reason = (
+            f"poison message: delivered {deliveries} times "
+            f"(more than {self.config.max_deliveries}) without being handled"
+        )
+        self._dead_letter(message_id, fields, {"kind": "poison", "reason": reason})
+        return True
+
+    def handle(self, message_id: str, fields: Mapping[str, Any]) -> Outcome:
+        """Parse, submit, relay, announce and acknowledge one message."""
+        try:
+            request = parse_job(fields, message_id)
+            submitted = jobs.submit(
+                self.engine,
+                self.storage,
+                request.account_id,
+                request.spec,
+                idempotency_key=request.idempotency_key,
+                callback_url=request.callback_url,
+                source="redis",
+            )
+        except (MalformedMessage, *PERMANENT_ERRORS) as exc:
+            self._dead_letter(message_id, fields, refusal(exc))
+            return Outcome.DEAD
+        except Exception as exc:
+            expected = isinstance(exc, TRANSIENT_ERRORS)  # no traceback for an outage
+            log.warning(
+                "intake %s: %s left pending: %s", self.name, message_id, exc, exc_info=not expected
+            )
+            self.stats.retried += 1
+            return Outcome.RETRY
+        job = submitted.job
+        self._announce_and_ack(message_id, request, job)
+        relay_quietly(self.engine, self.publish, job["id"])
+        self.stats.accepted += 1
+        return Outcome.ACCEPTED
+
+    def _announce_and_ack(self, message_id: str, request: JobRequest, job: dict[str, Any]) -> None:
+        """The `accepted` event goes before the relay, so a reader that learns the job id from
+        it sees the job's own events after it (or finds the job already terminal)."""
+        event = {
+            "status": "accepted",
+            "job_id": job["id"],
+            "job_status": job["status"],
+            "account_id": request.account_id,
+            "idempotency_key": request.idempotency_key,
+            "message_id": message_id,
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(EVENTS_STREAM, event, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        self._queue_ack(pipe, message_id)
+        pipe.execute()
+
+    def _dead_letter(
+        self, message_id: str, fields: Mapping[str, Any], detail: Mapping[str, str]
+    ) -> None:
+        raw = fields.get("job")
+        entry = {
+            **best_effort_ids(fields),
+            **detail,
+            "job": raw if isinstance(raw, str) else "",
+            "message_id": message_id,
+            "consumer": self.name,
+        }
+        log.info("intake %s: %s dead-lettered: %s", self.name, message_id, detail["reason"])
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            self.config.dead_stream,
+            entry,  # type: ignore[arg-type]
+            maxlen=self.config.dead_maxlen,
+            approximate=True,
+        )
+        self._queue_ack(pipe, message_id)
+        pipe.execute()
+        self.stats.dead += 1
+
+    def _queue_ack(self, pipe: Any, message_id: str) -> None:
+        pipe.xack(self.config.stream, self.config.group, message_id)
+        pipe.xdel(self.config.stream, message_id)
+
+    def _ack(self, message_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        self._queue_ack(pipe, message_id)
+        pipe.execute()
+
+    # -- failures --
+
+    def _fail(self) -> None:
+        """Something transient failed: back off (doubling) before touching messages again,
+        then start over with this consumer's own pending messages."""
+        self._backoff_s = min(
+            self.config.backoff_max_s, max(self.config.backoff_initial_s, self._backoff_s * 2)
+        )
+        self._recheck_own = True
+
+    def _healthy_after_backoff(self) -> bool:
+        """Sleep the back-off, then probe PostgreSQL and Redis. Unhealthy: back off further
+        without redelivering anything, so an outage does not count towards the poison bound."""
+        self._stop.wait(self._backoff_s)
+        if self.stopping:
+            return False
+        problem = self.probe()
+        if problem is not None:
+            log.warning("intake %s: still unhealthy (%s)", self.name, problem)
+            self._fail()
+            return False
+        return True
+
+    def probe(self) -> str | None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            return f"database: {exc.__class__.__name__}"
+        try:
+            self.redis.ping()
+        except (redis.RedisError, OSError) as exc:
+            return f"redis: {exc.__class__.__name__}"
+        return None
+
+    def _leave_group(self) -> None:
+        """On a clean stop, drop this consumer from the group if it holds nothing pending."""
+        try:
+            pending = self.redis.xpending_range(
+                self.config.stream, self.config.group, "-", "+", 1, consumername=self.name
+            )
+            if not pending:
+                self.redis.xgroup_delconsumer(self.config.stream, self.config.group, self.name)
+        except (redis.RedisError, OSError):
+            log.debug("intake %s: could not leave the group", self.name, exc_info=True)
+
+
+def install_signal_handlers(consumer: Consumer) -> None:
+    """SIGTERM/SIGINT: finish the current message, then stop (main thread only)."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("intake %s: signal %d, stopping", consumer.name, signum)
+        consumer.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def connect(redis_url: str, config: IntakeConfig) -> redis.Redis:
+    """A client of its own; the socket timeout outlasts the longest XREADGROUP block."""
+    return redis.Redis.from_url(
+        redis_url,
+        decode_responses=True,
+        socket_timeout=config.block_ms / 1000 + 10,
+        health_check_interval=30,
+    )
+
+
+def consumer_from_settings(name: str | None = None, config: IntakeConfig | None = None) -> Consumer:
+    """A consumer wired to this process's settings (TOLLGATE_DATABASE_URL, _REDIS_URL, ...)."""
+    from orchestrator.db import get_engine
+    from orchestrator.dispatch import Publisher as DispatchPublisher
+    from orchestrator.settings import get_settings
+    from orchestrator.storage import get_storage
+
+    config = config or IntakeConfig()
+    redis_url = get_settings().redis_url
+    if not redis_url:
+        raise RuntimeError("TOLLGATE_REDIS_URL is not set; the intake reads a Redis stream")
+    return Consumer(
+        engine=get_engine(),
+        storage=get_storage(),
+        redis=connect(redis_url, config),
+        publish=DispatchPublisher(redis_url),
+        name=name or default_consumer_name(),
+        config=config,
+    )
