@@ -177,3 +177,65 @@ def test_unpublished_job_is_dispatched_by_the_republisher(
     assert (done.status, done.charged) == ("succeeded", 1)
     b = run_transaction(ctx.engine, lambda c: ledger.get_balance(c, account, "image"))
     assert (b.held, b.available) == (0, 19)
+
+
+class _Receiver:
+    """A localhost HTTP endpoint that records callbacks; fails the first `fail_first`."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        import http.server
+        import threading
+
+        received: list[tuple[bytes, dict[str, str]]] = []
+        self.received = received
+        self.fail_left = fail_first
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.fail_left > 0:
+                    outer.fail_left -= 1
+                    self.send_response(500)
+                else:
+                    received.append((body, dict(self.headers)))
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def wait(self, count: int, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.received) >= count, "callback never arrived"
+
+
+def test_callback_is_signed_and_retried(
+    ctx: Any, account: str, storage: Storage, redis_url: str, service_env: dict[str, str]
+) -> None:
+    import hashlib
+    import hmac
+    import json
+
+    receiver = _Receiver(fail_first=1)
+    try:
+        job_id = jobs.submit(
+            ctx.engine, storage, account, txt2img(), callback_url=receiver.url
+        ).job["id"]
+        relay(ctx.engine, Publisher(redis_url), job_id=job_id)
+        wait_terminal(ctx.engine, job_id)
+        receiver.wait(1)
+    finally:
+        receiver.server.shutdown()
+    body, headers = receiver.received[0]
+    secret = service_env["TOLLGATE_CALLBACK_SECRET"].encode()
+    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    assert headers["X-Tollgate-Signature"] == expected
+    assert json.loads(body)["id"] == job_id and json.loads(body)["status"] == "succeeded"
+    assert receiver.fail_left == 0  # the first POST failed and was retried

@@ -1,0 +1,230 @@
+"""Benchmark: the whole job path versus raw Celery, in one run on the same Redis.
+
+1. Baseline: raw Celery no-op round trips (send N tasks, wait for every result).
+2. Path: N jobs through the Redis queue (XADD tollgate:jobs) -> intake prices and holds ->
+   outbox dispatch -> a worker whose runner delivers one 8x8 PNG -> commit. Jobs/s from the
+   first XADD to the last job settled. Target: path / baseline >= 0.7.
+3. Latency of POST /v1/jobs (p50/p99) at a fixed request rate against `tollgate api`.
+
+Same worker (2 prefork processes), same Redis, same PostgreSQL database in every part.
+Usage: python bench/lifecycle.py [--jobs 200] [--rate 20] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from sqlalchemy import func, select
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.ledger import bench_database  # noqa: E402
+from billing import ledger  # noqa: E402
+from billing.db import make_engine, run_transaction  # noqa: E402
+from orchestrator import accounts  # noqa: E402
+from orchestrator.standalone import free_port  # noqa: E402
+from orchestrator.states import TERMINAL  # noqa: E402
+from orchestrator.tables import jobs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_URL = os.environ.get(
+    "TOLLGATE_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+QUEUES = "gpu.txt2img,gpu.post,tollgate.maintenance,tollgate.callbacks,celery"
+READY_TIMEOUT_S = 60
+RUN_TIMEOUT_S = 300
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def wait_log(log: Path, marker: bytes) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while marker not in log.read_bytes():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log} never said {marker!r}: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
+def baseline(redis_url: str, n: int) -> float:
+    from celery import Celery
+
+    app = Celery("bench", broker=redis_url, backend=redis_url)
+    app.send_task("bench.noop").get(timeout=30)  # warm up
+    start = time.perf_counter()
+    results = [app.send_task("bench.noop", queue="celery") for _ in range(n)]
+    for r in results:
+        r.get(timeout=RUN_TIMEOUT_S)
+    return n / (time.perf_counter() - start)
+
+
+def whole_path(engine: Any, redis_url: str, account: str, n: int) -> float:
+    client = redis.Redis.from_url(redis_url)
+    messages = [
+        json.dumps(
+            {
+                "account_id": account,
+                "idempotency_key": f"bench-{i}",
+                "spec": {"type": "txt2img", "prompt": "bench", "steps": 20},
+            }
+        )
+        for i in range(n)
+    ]
+    start = time.perf_counter()
+    pipe = client.pipeline(transaction=False)
+    for m in messages:
+        pipe.xadd("tollgate:jobs", {"job": m})
+    pipe.execute()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        done = run_transaction(
+            engine,
+            lambda c: c.execute(
+                select(func.count())
+                .select_from(jobs)
+                .where(jobs.c.account_id == account, jobs.c.status.in_(sorted(TERMINAL)))
+            ).scalar_one(),
+        )
+        if done >= n:
+            return n / (time.perf_counter() - start)
+        time.sleep(0.02)
+    raise RuntimeError("jobs did not finish in time")
+
+
+def api_latency(api_url: str, api_key: str, rate: float, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    body = {"type": "txt2img", "prompt": "bench", "steps": 20}
+
+    def one(client: httpx.Client) -> None:
+        t0 = time.perf_counter()
+        r = client.post("/v1/jobs", json=body)
+        elapsed = time.perf_counter() - t0
+        if r.status_code == 202:
+            with lock:
+                latencies.append(elapsed)
+
+    threads = []
+    with httpx.Client(
+        base_url=api_url,
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=30,
+        limits=httpx.Limits(max_connections=64),
+    ) as client:
+        start = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t = threading.Thread(target=one, args=(client,))
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200, help="jobs per measurement (<= 2000)")
+    parser.add_argument("--rate", type=float, default=20.0, help="POST /v1/jobs per second")
+    parser.add_argument("--seconds", type=float, default=5.0, help="latency run length (<= 30)")
+    parser.add_argument("--redis-db", type=int, default=14)
+    args = parser.parse_args()
+    n = max(10, min(args.jobs, 2000))
+    redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
+    redis.Redis.from_url(redis_url).flushdb()
+    logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"tollgate-bench-{secrets.token_hex(3)}"
+    logs.mkdir(parents=True)
+    with bench_database(None, ADMIN_URL) as db_url:
+        env = {
+            **os.environ,
+            "TOLLGATE_DATABASE_URL": db_url,
+            "TOLLGATE_REDIS_URL": redis_url,
+            "TOLLGATE_STORAGE_URL": str(logs / "storage"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        os.environ.update({k: v for k, v in env.items() if k.startswith("TOLLGATE_")})
+        engine = make_engine(db_url)
+        new = accounts.create_account(engine, "bench", "business")
+        run_transaction(
+            engine,
+            lambda c: ledger.grant(
+                c, new.id, "image", 1_000_000, source="adjustment", reference=f"bench-{new.id}"
+            ),
+        )
+        api_port = free_port()
+        procs = [
+            spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "bench.noop_app",
+                    "worker",
+                    "-Q",
+                    QUEUES,
+                    "-c",
+                    "2",
+                    "-P",
+                    "prefork",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "-l",
+                    "warning",
+                ],
+                env,
+                logs / "worker.log",
+            ),
+            spawn([sys.executable, "-m", "orchestrator", "intake"], env, logs / "intake.log"),
+            spawn(
+                [sys.executable, "-m", "orchestrator", "api", "--port", str(api_port)],
+                env,
+                logs / "api.log",
+            ),
+        ]
+        try:
+            wait_log(logs / "api.log", b"Uvicorn running")
+            time.sleep(2)
+            raw = baseline(redis_url, n)
+            path = whole_path(engine, redis_url, new.id, n)
+            lat = api_latency(
+                f"http://127.0.0.1:{api_port}", new.api_key, args.rate, min(args.seconds, 30)
+            )
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(timeout=30)
+            engine.dispose()
+    print(f"jobs per measurement: {n}; worker: 2 prefork processes; logs in {logs}")
+    print(f"{'measure':<44}{'value':>12}")
+    print(f"{'raw Celery no-op round trips /s':<44}{raw:>12.1f}")
+    print(f"{'whole path jobs /s (queue -> commit)':<44}{path:>12.1f}")
+    ratio = path / raw
+    print(f"{'ratio (target >= 0.7)':<44}{ratio:>12.2f}  {'MET' if ratio >= 0.7 else 'NOT MET'}")
+    if lat:
+        q = statistics.quantiles(lat, n=100)
+        print(
+            f"POST /v1/jobs at {args.rate:g}/s x {args.seconds:g}s: {len(lat)} accepted, "
+            f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()
