@@ -242,7 +242,7 @@ def statements_per_pair(url: str, account: str) -> tuple[int, int]:
 
     try:
         reference = f"bench-count-{secrets.token_hex(4)}"
-        run_transaction(engine, lambda c: c.exec_driver_sql("SELECT 1"))  # connect, pre-ping
+        run_transaction(engine, lambda c: c.exec_driver_sql("SELECT 1"))  # connect first
         counts["n"] = 0
         run_transaction(
             engine,
@@ -310,9 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             hold_n, commit_n = statements_per_pair(url, accounts[0])
             print(
-                f"round trips: hold {hold_n}, commit {commit_n} (BEGIN/COMMIT included, plus"
-                " the pool's pre-ping SELECT 1 per transaction); raw tx 4 (BEGIN, UPDATE,"
-                " INSERT, COMMIT)"
+                f"round trips: hold {hold_n}, commit {commit_n} (BEGIN/COMMIT included; no pool"
+                " pre-ping); raw tx 4 (BEGIN, UPDATE, INSERT, COMMIT)"
             )
             print(
                 "each client: its own process, engine and account (no shared row lock); "

@@ -26,13 +26,26 @@ RETRY_BACKOFF_BASE_S = 0.005
 RETRY_BACKOFF_MAX_S = 0.2
 # PostgreSQL SQLSTATEs that mean "run the transaction again".
 RETRYABLE_PG_CODES = frozenset({"40001", "40P01"})
+# Pooled PostgreSQL connections older than this are replaced at checkout (seconds).
+PG_POOL_RECYCLE_S = 1800
 
 
 def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url, echo=echo)
+    # No pool_pre_ping: it costs a `SELECT 1` round trip on every checkout, i.e. on every
+    # transaction, and a ledger hold or commit is itself only BEGIN + one statement + COMMIT
+    # on PostgreSQL. pool_recycle instead retires connections before server or proxy idle
+    # timeouts close them. What pre-ping would still catch (a server restart, a dropped
+    # connection) now surfaces as a failed transaction instead: SQLAlchemy's optimistic
+    # disconnect handling then invalidates the whole pool, so the other stale connections are
+    # replaced at their next checkout rather than failing one by one.
     return create_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, echo=echo
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=PG_POOL_RECYCLE_S,
+        echo=echo,
     )
 
 
