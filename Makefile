@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --no-build-isolation basicsr==1.4.2
+	$(PY) -m pip install -q -e ".[dev,worker]"
+	$(PY) -c "import rembg"  # numba compiles pymatting once, at install time
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -139,3 +139,16 @@ def settings_env(service_env: dict[str, str]) -> Iterator[None]:
     os.environ.clear()
     os.environ.update(saved)
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def models_kit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model kit, built once per session (TOLLGATE_TEST_TINY_DIR reuses a kit
+    between runs: make_tiny is idempotent)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from models.tiny import make_tiny
+
+    env = os.environ.get("TOLLGATE_TEST_TINY_DIR")
+    folder = Path(env) if env else tmp_path_factory.mktemp("tiny-kit")
+    make_tiny(folder)
+    return folder

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from orchestrator.settings import get_settings
 from workers.celery_config import make_celery
@@ -18,3 +19,18 @@ def _after_fork(**_: Any) -> None:
     from orchestrator.db import engine_for
 
     engine_for.cache_clear()
+
+
+@worker_init.connect
+def _check_models(**_: Any) -> None:
+    """Fail at start, naming the file, when a model this worker serves is missing.
+    TOLLGATE_WORKER_MODELS lists them (comma-separated; default: every registry entry)."""
+    if not os.environ.get("TOLLGATE_MODELS"):
+        return
+    from models.registry import load_registry
+
+    served = [m for m in os.environ.get("TOLLGATE_WORKER_MODELS", "").split(",") if m]
+    load_registry(check_files=False).check_files(served or None)
+
+
+import workers.metrics  # noqa: E402,F401  (Prometheus metrics of this worker)

@@ -1,0 +1,313 @@
+"""DreamBooth-LoRA training on a registry SD 1.x base, with diffusers + peft.
+
+Current APIs only: ``unet.add_adapter(LoraConfig(...))``, ``get_peft_model_state_dict``
++ ``convert_state_dict_to_diffusers``, ``StableDiffusionPipeline.save_lora_weights``;
+rendering loads the result with ``pipe.load_lora_weights`` once per model
+(:meth:`models.sd.SDModel.generate` with ``lora=``).
+
+Training uses its own fp32 copies of the base components (the warm pipeline in the
+cache is never modified). Instance prompt ``"a photo of <token> <subject>"``; inputs
+are centre-cropped and resized to the training resolution; loss is MSE between the
+UNet prediction and the noise (or v-target) for latents noised with
+``scheduler.add_noise``. ``on_step(step, total)`` returning False stops the run after
+that step, writes a checkpoint and raises :class:`~models.errors.Canceled`. A checkpoint
+(LoRA weights, optimiser and RNG state) is written every ``checkpoint_every`` steps;
+``train(..., resume=True)`` continues from the newest one and reaches the same weights
+as an uninterrupted run (on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from models.compat import set_offline_env
+from models.device import pick_device
+from models.errors import Canceled, InvalidImage, InvalidRequest, ModelFileMissing, ModelLoadError
+from models.registry import ModelEntry, SDOptions
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], bool | None]
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def instance_prompt(token: str, subject: str) -> str:
+    return f"a photo of {token} {subject}"
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    token: str = "sks"
+    subject: str = "person"
+    steps: int = 400
+    rank: int = 4
+    alpha: int | None = None  # None = rank
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    resolution: int | None = None  # None = the base model's default width
+    checkpoint_every: int = 100
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+
+    @property
+    def prompt(self) -> str:
+        return instance_prompt(self.token, self.subject)
+
+
+@dataclass
+class LoraTrainResult:
+    output_dir: Path
+    weights: Path
+    steps: int
+    resumed_from: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def prepare_images(images: Sequence[Image.Image], size: int) -> Any:
+    """Centre-crop to square, resize to ``size``, scale to [-1, 1]; (N, 3, size, size)."""
+    import numpy as np
+    import torch
+    from PIL import Image as PILImage
+
+    if not images:
+        raise InvalidRequest("DreamBooth needs at least one instance image")
+    out = []
+    for im in images:
+        if im.width < 8 or im.height < 8:
+            raise InvalidImage("instance image too small")
+        rgb = im.convert("RGB")
+        side = min(rgb.size)
+        left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
+        rgb = rgb.crop((left, top, left + side, top + side)).resize(
+            (size, size), PILImage.Resampling.BICUBIC
+        )
+        arr = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
+        out.append(torch.from_numpy(arr.transpose(2, 0, 1).copy()))
+    return torch.stack(out)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckdir = Path(output_dir) / "checkpoints"
+    if not ckdir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := _CKPT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+class DreamBoothLoraTrainer:
+    """Trains a UNet LoRA for one subject on an SD 1.x diffusers folder."""
+
+    def __init__(
+        self, base: str | Path, options: SDOptions | None = None, *, device: str | None = None
+    ) -> None:
+        self.base = Path(base)
+        self.options = options or SDOptions()
+        self.device = pick_device(device)
+
+    @classmethod
+    def from_entry(cls, entry: ModelEntry, *, device: str | None = None) -> DreamBoothLoraTrainer:
+        if entry.family != "sd15":
+            raise InvalidRequest(
+                f"DreamBooth-LoRA training supports sd15 bases, not {entry.family}"
+            )
+        assert isinstance(entry.options, SDOptions)
+        entry.check_files()
+        return cls(entry.path, entry.options, device=device)
+
+    # ------------------------------------------------------------------ pieces
+    def _load(self) -> dict[str, Any]:
+        set_offline_env()
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if not (self.base / "model_index.json").is_file():
+            raise ModelFileMissing(self.base / "model_index.json", "SD 1.x diffusers folder")
+        p = str(self.base)
+        try:
+            return {
+                "tokenizer": CLIPTokenizer.from_pretrained(
+                    p, subfolder="tokenizer", local_files_only=True
+                ),
+                "text_encoder": CLIPTextModel.from_pretrained(
+                    p, subfolder="text_encoder", local_files_only=True
+                ),
+                "vae": AutoencoderKL.from_pretrained(p, subfolder="vae", local_files_only=True),
+                "unet": UNet2DConditionModel.from_pretrained(
+                    p, subfolder="unet", local_files_only=True
+                ),
+                "scheduler": DDPMScheduler.from_pretrained(
+                    p, subfolder="scheduler", local_files_only=True
+                ),
+            }
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load SD components from {self.base}: {exc}") from exc
+
+    @staticmethod
+    def _save_checkpoint(
+        path: Path,
+        unet: Any,
+        opt: Any,
+        gen: Any,
+        step: int,
+        cfg: LoraTrainConfig,
+        losses: list[float],
+    ) -> None:
+        import torch
+        from peft.utils import get_peft_model_state_dict
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "lora": {
+                k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()
+            },
+            "optimizer": opt.state_dict(),
+            "rng": gen.get_state(),
+            "step": step,
+            "losses": list(losses),
+            "config": json.dumps(asdict(cfg)),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    # ------------------------------------------------------------------ train
+    def train(
+        self,
+        images: Sequence[Image.Image],
+        output_dir: str | Path,
+        config: LoraTrainConfig | None = None,
+        *,
+        on_step: ProgressFn | None = None,
+        resume: bool = True,
+    ) -> LoraTrainResult:
+        """Train and write ``output_dir/pytorch_lora_weights.safetensors``."""
+        import torch
+        import torch.nn.functional as F
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        cfg = config or LoraTrainConfig()
+        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.rank < 1:
+            raise InvalidRequest("steps, batch_size and rank must be >= 1")
+        if not cfg.token.strip():
+            raise InvalidRequest("token must not be empty")
+        size = cfg.resolution or self.options.width
+        if size % 8:
+            raise InvalidRequest("resolution must be a multiple of 8")
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        device = torch.device(self.device)
+
+        parts = self._load()
+        tok, te, vae, unet, sched = (
+            parts[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+        )
+        for m in (te, vae, unet):
+            m.requires_grad_(False)
+            m.to(device)
+        te.eval()
+        vae.eval()
+        # peft's gaussian init draws from the global RNG: seed it privately.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            unet.add_adapter(
+                LoraConfig(
+                    r=cfg.rank,
+                    lora_alpha=cfg.alpha or cfg.rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(cfg.target_modules),
+                )
+            )
+        unet.train()
+        params = [p for p in unet.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+
+        pixels = prepare_images(images, size).to(device)
+        with torch.no_grad():
+            ids = tok(
+                cfg.prompt,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            text = te(ids)[0]
+            dist = vae.encode(pixels).latent_dist
+            mean, std = dist.mean, dist.std
+        scaling = vae.config.scaling_factor
+        n_train = int(sched.config.num_train_timesteps)
+
+        start, losses = 0, []
+        ckpt = latest_checkpoint(out) if resume else None
+        if ckpt is not None:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            if json.loads(state["config"]) != json.loads(json.dumps(asdict(cfg))):
+                raise InvalidRequest(f"checkpoint {ckpt} was made with a different training config")
+            set_peft_model_state_dict(unet, state["lora"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["rng"])
+            start, losses = int(state["step"]), list(state["losses"])
+            log.info("resuming LoRA training from %s (step %d)", ckpt, start)
+
+        n = pixels.shape[0]
+        for step in range(start, cfg.steps):
+            idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+            eps = torch.randn(mean[idx].shape, generator=gen).to(device)
+            latents = (mean[idx] + std[idx] * eps) * scaling
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            t = torch.randint(0, n_train, (cfg.batch_size,), generator=gen).to(device)
+            noisy = sched.add_noise(latents, noise, t)
+            if sched.config.prediction_type == "v_prediction":
+                target = sched.get_velocity(latents, noise, t)
+            else:
+                target = noise
+            pred = unet(noisy, t, encoder_hidden_states=text.expand(cfg.batch_size, -1, -1)).sample
+            loss = F.mse_loss(pred.float(), target.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            done = step + 1
+            stop = on_step is not None and on_step(done, cfg.steps) is False
+            if stop or (
+                cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps
+            ):
+                self._save_checkpoint(
+                    out / "checkpoints" / f"checkpoint-{done}.pt", unet, opt, gen, done, cfg, losses
+                )
+            if stop:
+                raise Canceled(done, cfg.steps, "LoRA training")
+
+        unet.eval()
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=str(out),
+            unet_lora_layers=lora_layers,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        )
+        (out / "tollgate_lora.json").write_text(
+            json.dumps({"base": str(self.base), "prompt": cfg.prompt, **asdict(cfg)}, indent=2)
+        )
+        return LoraTrainResult(
+            output_dir=out,
+            weights=out / LORA_WEIGHTS,
+            steps=cfg.steps,
+            resumed_from=start,
+            losses=losses,
+        )
