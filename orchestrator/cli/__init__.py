@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from models.cli import models as models_group
 from orchestrator.cli.api import api
 from orchestrator.cli.jobs import intake, jobs, submit
 from orchestrator.cli.ledger import accounts, credits, db, ledger_group, quote
@@ -15,6 +16,8 @@ def main() -> None:
     """Tollgate: credit-gated GPU job orchestrator for image AI."""
 
 
+# The model commands import torch lazily, inside each command: API installs can list them.
+main.add_command(models_group)
 for command in (
     quote,
     db,
