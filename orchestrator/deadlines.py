@@ -20,7 +20,7 @@ HOLD_GRACE_S: Final = 3600
 
 def work_s(spec: Mapping[str, Any]) -> int:
     job_type = spec.get("type")
-    if job_type == "txt2img":
+    if job_type in ("txt2img", "tune_prompt"):
         pixel_steps = spec["width"] * spec["height"] * spec["steps"] * spec["num_images"]
         return -(-pixel_steps // PIXEL_STEPS_PER_S)
     if job_type == "tune":

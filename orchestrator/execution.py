@@ -18,9 +18,11 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.engine import Row
 
 from billing.clock import utcnow
 from billing.db import run_transaction
@@ -34,6 +36,26 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS_MAX: Final = 3
 PROGRESS_WRITE_INTERVAL_S: Final = 0.25
+
+
+Settle = Callable[[Connection, Row[Any], str, int, datetime, str | None], Any]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One kind of work on a job: the status while it runs, the statuses a delivery may start
+    it from, and how its result is paid for. Plain jobs have one phase; a tune has two
+    (training, then rendering), each settled on its own hold."""
+
+    running_status: str = states.RUNNING
+    startable: frozenset[str] = frozenset({states.QUEUED, states.DISPATCHED, states.RUNNING})
+    settle: Settle = settle
+    # Success with no delivered output counts as failure (not for training: its product is
+    # the LoRA, recorded by the runner).
+    outputs_required: bool = True
+
+
+JOB_PHASE: Final = Phase()
 
 
 class JobStopped(OrchestratorError):
@@ -80,7 +102,8 @@ class RunContext:
         )
         return self.storage.get(key)
 
-    def _check(self, conn: Connection) -> None:
+    def check_lease(self, conn: Connection) -> None:
+        """Raise JobStopped unless this attempt still owns a live, uncanceled job."""
         row = conn.execute(
             select(jobs.c.status, jobs.c.lease_token, jobs.c.cancel_requested).where(
                 jobs.c.id == self.job_id
@@ -97,7 +120,7 @@ class RunContext:
         write = step >= total or now - self._last_write >= PROGRESS_WRITE_INTERVAL_S
 
         def work(conn: Connection) -> None:
-            self._check(conn)
+            self.check_lease(conn)
             if write:
                 conn.execute(
                     update(jobs)
@@ -133,7 +156,7 @@ class RunContext:
     def _record(self, output: dict[str, Any]) -> None:
         def work(conn: Connection) -> None:
             lock_job(conn, self.job_id)
-            self._check(conn)
+            self.check_lease(conn)
             current = conn.execute(select(jobs.c.outputs).where(jobs.c.id == self.job_id))
             outputs = [o for o in current.scalar_one() if o["index"] != output["index"]]
             conn.execute(
@@ -143,7 +166,7 @@ class RunContext:
         run_transaction(self.engine, work)
 
 
-def begin(engine: Engine, job_id: str, worker: str) -> Attempt | None:
+def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) -> Attempt | None:
     """Take the job for this delivery, or return None when there is nothing to run."""
 
     def work(conn: Connection) -> Attempt | None:
@@ -151,28 +174,28 @@ def begin(engine: Engine, job_id: str, worker: str) -> Attempt | None:
         if row is None:
             log.warning("task for unknown job %s ignored", job_id)
             return None
-        if states.is_terminal(row.status):
-            return None
+        if row.status not in phase.startable:
+            return None  # ended, or in another phase: a stale or duplicate delivery
         now = utcnow()
         if row.cancel_requested:
             delivered = sum(1 for o in row.outputs if o.get("delivered"))
-            settle(conn, row, states.CANCELED, delivered, now, error="canceled by the client")
+            phase.settle(conn, row, states.CANCELED, delivered, now, "canceled by the client")
             return None
         if row.attempt >= ATTEMPTS_MAX:
-            settle(
+            phase.settle(
                 conn,
                 row,
                 states.FAILED,
                 0,
                 now,
-                error=f"gave up after {row.attempt} attempts (worker lost each time)",
+                f"gave up after {row.attempt} attempts (worker lost each time)",
             )
             return None
         token = secrets.token_hex(16)
         transition(
             conn,
             job_id,
-            states.RUNNING,
+            phase.running_status,
             now,
             attempt=row.attempt + 1,
             lease_token=token,
@@ -186,7 +209,13 @@ def begin(engine: Engine, job_id: str, worker: str) -> Attempt | None:
     return run_transaction(engine, work)
 
 
-def finish(engine: Engine, attempt: Attempt, outcome: str, error: str | None = None) -> str:
+def finish(
+    engine: Engine,
+    attempt: Attempt,
+    outcome: str,
+    error: str | None = None,
+    phase: Phase = JOB_PHASE,
+) -> str:
     """Apply an attempt's result once. Returns the job's status afterwards."""
     assert outcome in (states.SUCCEEDED, states.FAILED, states.CANCELED), outcome
 
@@ -194,10 +223,11 @@ def finish(engine: Engine, attempt: Attempt, outcome: str, error: str | None = N
         row = lock_job(conn, attempt.job_id)
         delivered = [o for o in row.outputs if o.get("delivered")]
         now = utcnow()
-        current = row.lease_token == attempt.token and not states.is_terminal(row.status)
+        current = row.lease_token == attempt.token and row.status == phase.running_status
         conn.execute(
             insert(job_results).values(
                 job_id=row.id,
+                phase=phase.running_status,
                 attempt=attempt.number,
                 outcome=outcome,
                 delivered=len(delivered) if current else 0,
@@ -209,18 +239,17 @@ def finish(engine: Engine, attempt: Attempt, outcome: str, error: str | None = N
         if not current:
             return str(row.status)
         status, reason = outcome, error
-        if status == states.SUCCEEDED and not delivered:
+        if status == states.SUCCEEDED and not delivered and phase.outputs_required:
             status, reason = states.FAILED, reason or _undelivered_reason(row.outputs)
         missing = row.outputs_expected - len(delivered)
-        if status == states.SUCCEEDED and missing > 0 and reason is None:
+        if status == states.SUCCEEDED and missing > 0 and reason is None and phase.outputs_required:
             reason = (
                 f"{missing} of {row.outputs_expected} outputs not delivered: "
                 f"{_undelivered_reason(row.outputs)}"
             )
         # A failed job is refunded in full; a canceled or partial one pays for what it got.
         charged_outputs = 0 if status == states.FAILED else len(delivered)
-        settle(conn, row, status, charged_outputs, now, error=reason)
-        return status
+        return str(phase.settle(conn, row, status, charged_outputs, now, reason).status)
 
     return run_transaction(engine, work)
 
@@ -240,9 +269,10 @@ def execute(
     worker: str,
     runner: Runner,
     on_progress: Callable[[int, int], None] | None = None,
+    phase: Phase = JOB_PHASE,
 ) -> dict[str, Any]:
     """The whole worker side of a job. Safe to call twice for the same job."""
-    attempt = begin(engine, job_id, worker)
+    attempt = begin(engine, job_id, worker, phase)
     if attempt is None:
         return {"job_id": job_id, "status": "skipped"}
     ctx = RunContext(engine, storage, attempt, on_progress)
@@ -250,15 +280,15 @@ def execute(
         runner(ctx)
     except JobStopped as stop:
         if stop.reason == "superseded":
-            status = finish(engine, attempt, states.FAILED, "superseded by a newer attempt")
+            status = finish(engine, attempt, states.FAILED, "superseded by a newer attempt", phase)
         else:
-            status = finish(engine, attempt, states.CANCELED, "canceled by the client")
+            status = finish(engine, attempt, states.CANCELED, "canceled by the client", phase)
         return {"job_id": job_id, "status": status}
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        status = finish(engine, attempt, states.FAILED, _reason(exc))
+        status = finish(engine, attempt, states.FAILED, _reason(exc), phase)
         return {"job_id": job_id, "status": status}
-    return {"job_id": job_id, "status": finish(engine, attempt, states.SUCCEEDED)}
+    return {"job_id": job_id, "status": finish(engine, attempt, states.SUCCEEDED, None, phase)}
 
 
 def _reason(exc: BaseException) -> str:

@@ -25,6 +25,9 @@ FAMILIES: Final[dict[str, Family]] = {
     "face_enhance": Family("tollgate.face_enhance", "gpu.post", 300, 330),
     "remove_background": Family("tollgate.remove_background", "gpu.post", 300, 330),
     "tune": Family("tollgate.tune", "gpu.train", 7200, 7500),
+    # A tune's 64-image render runs where the SD pipelines are warm.
+    "tune_render": Family("tollgate.tune_render", "gpu.txt2img", 1800, 1900),
+    "tune_prompt": Family("tollgate.tune_prompt", "gpu.txt2img", 600, 660),
 }
 CALLBACK_TASK: Final = "tollgate.callback"
 CALLBACK_QUEUE: Final = "tollgate.callbacks"

@@ -247,7 +247,12 @@ def submit(
             return again
         ledger.get_account(conn, account_id)
         spec_ = dict(normalised)
-        _resolve_image_input(conn, storage, account_id, spec_)
+        if spec_["type"] == "tune_prompt":
+            from orchestrator.tunes import on_prompt_submit
+
+            on_prompt_submit(conn, account_id, spec_)
+        elif spec_["type"] != "tune":
+            _resolve_image_input(conn, storage, account_id, spec_)
         now = utcnow()
         _insert_job(
             conn,
@@ -275,6 +280,10 @@ def submit(
             ttl_s=hold_ttl_s(spec_),
             now=now,
         )
+        if spec_["type"] == "tune":
+            from orchestrator.tunes import on_submit
+
+            on_submit(conn, storage, job_id, account_id, spec_, now)
         outbox.add(conn, "dispatch", job_id, {"job_id": job_id, "type": spec_["type"]})
         row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         outbox.add(conn, "event", job_id, event_payload(row))
@@ -333,6 +342,15 @@ def _record_rejection(
     run_transaction(engine, work)
 
 
+def settler_for(row: Row[Any]) -> Any:
+    """How to settle this job in its current phase (tunes have their own)."""
+    if row.type == "tune":
+        from orchestrator import tunes
+
+        return tunes.settler_for(row)
+    return settle
+
+
 def get(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any]:
     """A job, if it is `account_id`'s (None: any account, for operators)."""
 
@@ -381,9 +399,10 @@ def cancel(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any
         get_row(conn, account_id, job_id)
         row = lock_job(conn, job_id)
         now = utcnow()
-        if row.status in (states.QUEUED, states.DISPATCHED):
-            return settle(conn, row, states.CANCELED, 0, now, error="canceled by the client")
-        if row.status == states.RUNNING:
+        settle_ = settler_for(row)
+        if row.status in (states.QUEUED, states.DISPATCHED, states.AWAITING_CREDITS):
+            return settle_(conn, row, states.CANCELED, 0, now, "canceled by the client")
+        if row.status in (states.RUNNING, states.TRAINING, states.RENDERING):
             conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)

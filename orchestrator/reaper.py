@@ -12,7 +12,7 @@ from billing import ledger
 from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator import states
-from orchestrator.jobs import lock_job, settle
+from orchestrator.jobs import lock_job, settler_for
 from orchestrator.tables import jobs
 
 REAP_BATCH_MAX: Final = 200
@@ -39,7 +39,9 @@ def reap(engine: Engine, now: datetime | None = None, limit: int = REAP_BATCH_MA
             row = lock_job(conn, job_id)
             if states.is_terminal(row.status) or row.deadline_at > now:
                 return False
-            settle(conn, row, states.EXPIRED, 0, now, error="deadline passed before the job ended")
+            settler_for(row)(
+                conn, row, states.EXPIRED, 0, now, "deadline passed before the job ended"
+            )
             return True
 
         if run_transaction(engine, work):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_VAR_DIR = Path("var")
@@ -24,6 +25,16 @@ class Settings(BaseSettings):
     storage_url: str = str(DEFAULT_VAR_DIR / "storage")
     # Secret for the HMAC-SHA256 signature of job callbacks.
     callback_secret: str = "change-me"
+    # Tunes: how long trained weights are kept (a free plan's from training, a lapsed paid
+    # plan's from the lapse), the size and step cap of the 64-image render, and where a
+    # worker keeps training checkpoints and downloaded LoRAs.
+    tune_retention_free_days: int = 30
+    tune_retention_lapsed_days: int = 30
+    tune_render_size_px: int = Field(default=512, ge=64, le=1024, multiple_of=8)
+    tune_render_steps_max: int = Field(default=50, ge=1, le=50)
+    # Training resolution; None: the base model's own (512 for SD 1.x).
+    tune_train_size_px: int | None = Field(default=None, ge=64, le=1024, multiple_of=8)
+    work_dir: Path = DEFAULT_VAR_DIR / "work"
 
 
 @lru_cache(maxsize=1)

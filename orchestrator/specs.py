@@ -13,7 +13,38 @@ SEED_MAX: Final = 2**32 - 1
 GUIDANCE_MAX: Final = 30.0
 CALLBACK_URL_MAX_CHARS: Final = 2000
 IMAGE_INPUT_TYPES: Final = frozenset({"upscale", "face_enhance", "remove_background"})
-SUBMITTABLE_TYPES: Final = ("txt2img", "upscale", "face_enhance", "remove_background")
+SUBMITTABLE_TYPES: Final = (
+    "txt2img",
+    "upscale",
+    "face_enhance",
+    "remove_background",
+    "tune",
+    "tune_prompt",
+)
+TUNE_IMAGES_MIN: Final = 4
+TUNE_IMAGES_MAX: Final = 20
+TUNE_NAME_MAX_CHARS: Final = 100
+TUNE_SUBJECTS: Final = (
+    "man",
+    "woman",
+    "person",
+    "boy",
+    "girl",
+    "baby",
+    "dog",
+    "cat",
+    "pet",
+    "object",
+    "product",
+    "style",
+)
+TUNE_BASE_MODELS: Final = ("sd15", "sdxl")
+# (default, lo, hi) of each training knob.
+TUNE_TRAINING_BOUNDS: Final[dict[str, tuple[float, float, float]]] = {
+    "steps": (400, 1, 3000),
+    "rank": (4, 1, 64),
+    "learning_rate": (1e-4, 1e-6, 1e-2),
+}
 
 
 def _opt_str(spec: Mapping[str, Any], name: str, max_chars: int, required: bool = False) -> None:
@@ -38,8 +69,14 @@ def validate(spec: Any) -> tuple[dict[str, Any], Quote]:
             f"submittable: {', '.join(SUBMITTABLE_TYPES)}",
         )
     out = dict(spec)
-    if job_type == "txt2img":
-        _opt_str(spec, "prompt", PROMPT_MAX_CHARS, required=True)
+    if job_type == "tune_prompt":
+        if not isinstance(spec.get("tune_id"), str):
+            raise InvalidJobSpec("tune_id", "must be a tune's id")
+        if (spec.get("style") is None) == (spec.get("prompt") is None):
+            raise InvalidJobSpec("prompt", "give exactly one of style or prompt")
+        _opt_str(spec, "style", 100)
+    if job_type in ("txt2img", "tune_prompt"):
+        _opt_str(spec, "prompt", PROMPT_MAX_CHARS, required=job_type == "txt2img")
         _opt_str(spec, "negative_prompt", PROMPT_MAX_CHARS)
         out.setdefault("width", 512)
         out.setdefault("height", 512)
@@ -69,7 +106,49 @@ def validate(spec: Any) -> tuple[dict[str, Any], Quote]:
             raise InvalidJobSpec("image_b64", "must be a base64 string")
     if job_type == "upscale":
         out.setdefault("scale", 4)
+    if job_type == "tune":
+        out.update(_tune_fields(spec))
     return out, price
+
+
+def _tune_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    from orchestrator.styles import get_catalogue, pick_styles
+
+    _opt_str(spec, "name", TUNE_NAME_MAX_CHARS, required=True)
+    if spec.get("subject") not in TUNE_SUBJECTS:
+        raise InvalidJobSpec("subject", f"must be one of {', '.join(TUNE_SUBJECTS)}")
+    ids, inline = spec.get("image_ids"), spec.get("images_b64")
+    if (ids is None) == (inline is None):
+        raise InvalidJobSpec("image_ids", "give exactly one of image_ids or images_b64")
+    field, images = ("image_ids", ids) if ids is not None else ("images_b64", inline)
+    if (
+        not isinstance(images, list)
+        or not TUNE_IMAGES_MIN <= len(images) <= TUNE_IMAGES_MAX
+        or not all(isinstance(i, str) for i in images)
+    ):
+        raise InvalidJobSpec(
+            field, f"must be a list of {TUNE_IMAGES_MIN}..{TUNE_IMAGES_MAX} strings"
+        )
+    base_model = spec.get("base_model", "sd15")
+    if base_model not in TUNE_BASE_MODELS:
+        raise InvalidJobSpec("base_model", f"must be one of {', '.join(TUNE_BASE_MODELS)}")
+    styles = [s.id for s in pick_styles(get_catalogue(), spec.get("styles"))]
+    training = spec.get("training") or {}
+    if not isinstance(training, Mapping):
+        raise InvalidJobSpec("training", "must be an object")
+    unknown = set(training) - set(TUNE_TRAINING_BOUNDS)
+    if unknown:
+        raise InvalidJobSpec(f"training.{sorted(unknown)[0]}", "is not a training option")
+    knobs: dict[str, Any] = {}
+    for name, (default, lo, hi) in TUNE_TRAINING_BOUNDS.items():
+        value = training.get(name, default)
+        integral = name != "learning_rate"
+        ok_type = isinstance(value, int) if integral else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
+            kind = "an integer" if integral else "a number"
+            raise InvalidJobSpec(f"training.{name}", f"must be {kind} in {lo:g}..{hi:g}")
+        knobs[name] = value
+    return {"base_model": base_model, "styles": styles, "training": knobs}
 
 
 def validate_callback_url(url: Any) -> str | None:
@@ -87,4 +166,6 @@ def validate_callback_url(url: Any) -> str | None:
 
 
 def outputs_expected(spec: Mapping[str, Any]) -> int:
-    return int(spec.get("num_images", 1)) if spec["type"] == "txt2img" else 1
+    if spec["type"] == "tune":
+        return 64
+    return int(spec.get("num_images", 1)) if spec["type"] in ("txt2img", "tune_prompt") else 1

@@ -12,19 +12,43 @@ FAILED: Final = "failed"
 CANCELED: Final = "canceled"
 EXPIRED: Final = "expired"
 REJECTED: Final = "rejected"
+# Tunes only: training replaces running; a trained tune renders its 64 images or waits for
+# the tune_image credits to do so.
+TRAINING: Final = "training"
+AWAITING_CREDITS: Final = "awaiting_credits"
+RENDERING: Final = "rendering"
 
-STATUSES: Final = (QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELED, EXPIRED, REJECTED)
+STATUSES: Final = (
+    QUEUED,
+    DISPATCHED,
+    RUNNING,
+    TRAINING,
+    AWAITING_CREDITS,
+    RENDERING,
+    SUCCEEDED,
+    FAILED,
+    CANCELED,
+    EXPIRED,
+    REJECTED,
+)
 TERMINAL: Final = frozenset({SUCCEEDED, FAILED, CANCELED, EXPIRED, REJECTED})
-ACTIVE: Final = frozenset({QUEUED, DISPATCHED, RUNNING})
+# States a deadline applies to (the reaper expires them). awaiting_credits has no deadline:
+# a trained tune may wait for credits until its retention period ends.
+ACTIVE: Final = frozenset({QUEUED, DISPATCHED, RUNNING, TRAINING, RENDERING})
 
 _ENDINGS = {SUCCEEDED, FAILED, CANCELED, EXPIRED}
 TRANSITIONS: Final[dict[str, frozenset[str]]] = {
-    QUEUED: frozenset({DISPATCHED, RUNNING} | _ENDINGS),
+    QUEUED: frozenset({DISPATCHED, RUNNING, TRAINING} | _ENDINGS),
     # A task can reach a worker before the dispatcher has recorded `dispatched`.
-    DISPATCHED: frozenset({RUNNING} | _ENDINGS),
-    # RUNNING -> RUNNING: a redelivered task takes the job over with a new attempt.
+    DISPATCHED: frozenset({RUNNING, TRAINING} | _ENDINGS),
+    # X -> X: a redelivered task takes the job over with a new attempt.
     RUNNING: frozenset({RUNNING} | _ENDINGS),
-    **{s: frozenset() for s in TERMINAL},
+    TRAINING: frozenset({TRAINING, AWAITING_CREDITS, RENDERING} | _ENDINGS - {SUCCEEDED}),
+    AWAITING_CREDITS: frozenset({RENDERING, CANCELED, EXPIRED}),
+    RENDERING: frozenset({RENDERING} | _ENDINGS),
+    # A succeeded tune expires when the retention sweeper deletes its weights.
+    SUCCEEDED: frozenset({EXPIRED}),
+    **{s: frozenset() for s in TERMINAL - {SUCCEEDED}},
 }
 
 

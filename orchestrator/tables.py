@@ -81,13 +81,15 @@ job_results = Table(
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("job_id", String(JOB_ID_MAX_LEN), ForeignKey("jobs.id"), nullable=False),
+    # The phase (job status while running: running, training, rendering) and its attempt.
+    Column("phase", String(20), nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("outcome", String(20), nullable=False),
     Column("delivered", Integer, nullable=False),
     Column("applied", Boolean, nullable=False),
     Column("detail", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
-    UniqueConstraint("job_id", "attempt", name="uq_job_results_job_attempt"),
+    UniqueConstraint("job_id", "phase", "attempt", name="uq_job_results_job_phase_attempt"),
 )
 
 # Transactional outbox: written in the same transaction as the state change it announces,
@@ -116,4 +118,34 @@ images = Table(
     Column("height", Integer, nullable=False),
     Column("bytes", Integer, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+# A tune: the job (same id) trains a LoRA, then renders 64 images. Per-tune data lives here;
+# status, progress and outputs stay on the job row.
+tunes = Table(
+    "tunes",
+    metadata,
+    Column("id", String(JOB_ID_MAX_LEN), ForeignKey("jobs.id"), primary_key=True),
+    Column("account_id", String(ACCOUNT_ID_MAX_LEN), ForeignKey("accounts.id"), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("subject", String(40), nullable=False),
+    # The rare token the LoRA learns ("a photo of <token> <subject>").
+    Column("token", String(20), nullable=False),
+    Column("base_model", String(100), nullable=False),
+    Column("styles", JSON, nullable=False),
+    Column("training", JSON, nullable=False),
+    # Storage keys of the training photos; emptied when training ends (they are deleted).
+    Column("image_keys", JSON, nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("lora_key", String(500), nullable=True),
+    # Ledger reference of the current 64-image render hold (NULL: none placed yet).
+    Column("render_hold_ref", String(200), nullable=True),
+    Column("render_count", Integer, nullable=False, server_default=text("0")),
+    Column("contact_sheet_key", String(500), nullable=True),
+    Column("trained_at", UTCDateTime, nullable=True),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("weights_deleted_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_tunes_account_created", "account_id", "created_at"),
+    Index("ix_tunes_expires_at", "expires_at"),
 )

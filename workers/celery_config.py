@@ -22,11 +22,13 @@ TASK_MODULES = (
     "workers.upscale",
     "workers.face_enhance",
     "workers.remove_background",
+    "workers.tune",
     "workers.callbacks",
     "workers.maintenance",
 )
 REAP_INTERVAL_S = 15
 REPUBLISH_INTERVAL_S = 5
+TUNES_INTERVAL_S = 60
 
 
 def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> Celery:
@@ -37,6 +39,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
     routes[CALLBACK_TASK] = {"queue": CALLBACK_QUEUE}
     routes["tollgate.reap"] = {"queue": MAINTENANCE_QUEUE}
     routes["tollgate.republish"] = {"queue": MAINTENANCE_QUEUE}
+    routes["tollgate.tunes"] = {"queue": MAINTENANCE_QUEUE}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -57,6 +60,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
         beat_schedule={
             "reap": {"task": "tollgate.reap", "schedule": REAP_INTERVAL_S},
             "republish": {"task": "tollgate.republish", "schedule": REPUBLISH_INTERVAL_S},
+            "tunes": {"task": "tollgate.tunes", "schedule": TUNES_INTERVAL_S},
         },
         worker_hijack_root_logger=False,
     )

@@ -6,6 +6,8 @@ from orchestrator.db import get_engine
 from orchestrator.dispatch import get_publisher
 from orchestrator.outbox import relay
 from orchestrator.reaper import reap
+from orchestrator.storage import get_storage
+from orchestrator.tunes import start_waiting_renders, sweep_expired
 from workers.app import app
 
 # Messages younger than this are left to the fast path of the process that wrote them.
@@ -20,3 +22,13 @@ def reap_task() -> int:
 @app.task(name="tollgate.republish")
 def republish_task() -> int:
     return relay(get_engine(), get_publisher(), min_age_s=REPUBLISH_MIN_AGE_S)
+
+
+@app.task(name="tollgate.tunes")
+def tunes_task() -> dict[str, int]:
+    """Retention sweep, and renders for tunes whose credits arrived by any path."""
+    engine = get_engine()
+    swept = sweep_expired(engine, get_storage())
+    started = start_waiting_renders(engine)
+    relay(engine, get_publisher())
+    return {"expired": len(swept), "renders_started": len(started)}

@@ -13,7 +13,7 @@ from celery import Task
 from orchestrator.db import get_engine
 from orchestrator.dispatch import get_publisher
 from orchestrator.events import append_event
-from orchestrator.execution import Runner, execute
+from orchestrator.execution import JOB_PHASE, Phase, Runner, execute
 from orchestrator.outbox import relay_quietly
 from orchestrator.storage import get_storage
 
@@ -33,7 +33,7 @@ def runner_for(job_type: str) -> Runner:
     return _runners[job_type]
 
 
-def run_job(task: Task, job_type: str, job_id: str) -> dict[str, Any]:
+def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) -> dict[str, Any]:
     engine, publisher = get_engine(), get_publisher()
 
     def on_progress(step: int, total: int) -> None:
@@ -54,8 +54,10 @@ def run_job(task: Task, job_type: str, job_id: str) -> dict[str, Any]:
         get_storage(),
         job_id,
         task.request.hostname or "worker",
-        runner_for(job_type),
+        # Looked up inside the run, so a runner that cannot be built fails (and refunds) the job.
+        lambda ctx: runner_for(job_type)(ctx),
         on_progress,
+        phase,
     )
     relay_quietly(engine, publisher, job_id)
     return result

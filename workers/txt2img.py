@@ -20,6 +20,11 @@ def make_runner() -> Runner:
     def run(ctx: RunContext) -> None:
         spec = ctx.spec
         model = model_id(spec, "txt2img")
+        lora = None
+        if spec.get("tune_id"):  # a later render from a tune: its LoRA on the base model
+            from workers.tune import local_lora
+
+            lora = str(local_lora(ctx, spec["tune_id"]))
         seeds = [spec["seed"] + i for i in range(spec["num_images"])]
         stopped: list[JobStopped] = []
 
@@ -42,6 +47,7 @@ def make_runner() -> Runner:
                 guidance=spec["guidance"],
                 seeds=seeds,
                 on_step=on_step,
+                lora=lora,
             )
         except Canceled:
             raise stopped[0] if stopped else JobStopped("canceled") from None
@@ -61,8 +67,14 @@ def make_runner() -> Runner:
 
 
 register("txt2img", make_runner)
+register("tune_prompt", make_runner)
 
 
 @app.task(name="tollgate.txt2img", bind=True)
 def txt2img(self: Any, job_id: str) -> dict[str, Any]:
     return run_job(self, "txt2img", job_id)
+
+
+@app.task(name="tollgate.tune_prompt", bind=True)
+def tune_prompt(self: Any, job_id: str) -> dict[str, Any]:
+    return run_job(self, "tune_prompt", job_id)

@@ -17,8 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 import billing
-from orchestrator import db, jobs
-from orchestrator.api import routes_account, routes_admin, routes_jobs
+from orchestrator import db, jobs, tunes
+from orchestrator.api import (
+    routes_account,
+    routes_admin,
+    routes_jobs,
+    routes_styles,
+    routes_tunes,
+)
 from orchestrator.api.deps import EngineDep
 from orchestrator.api.metrics import RequestMetrics, make_registry
 from orchestrator.api.schemas import Health
@@ -105,6 +111,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         (jobs.IdempotencyConflict, status.HTTP_409_CONFLICT),
         (jobs.CannotCancel, status.HTTP_409_CONFLICT),
         (billing.ReferenceConflict, status.HTTP_409_CONFLICT),
+        (tunes.TuneGone, status.HTTP_410_GONE),
+        (tunes.TuneNotReady, status.HTTP_409_CONFLICT),
     )
     for error_type, code in plain_errors:
         app.add_exception_handler(error_type, plain(code))
@@ -117,6 +125,8 @@ def create_app() -> FastAPI:
     app.include_router(routes_jobs.router)
     app.include_router(routes_account.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_styles.router)
+    app.include_router(routes_tunes.router)
 
     registry, requests, latency = make_registry(db.get_engine, lambda: get_settings().redis_url)
     app.add_middleware(RequestMetrics, requests=requests, latency=latency)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+import contextlib
+from typing import Any, Final, Literal
 
 from fastapi import APIRouter, Response, status
+from pydantic import BaseModel
 
 from billing import ledger
 from billing.db import run_transaction
-from orchestrator import accounts
+from orchestrator import accounts, tunes
 from orchestrator.api.deps import Admin, EngineDep
 from orchestrator.api.schemas import AccountIn, AccountOut, ErrorOut, GrantIn, GrantOut
+from orchestrator.dispatch import get_publisher
+from orchestrator.outbox import relay
 
 router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Admin])
 
@@ -62,6 +66,9 @@ def grant_credits(
     )
     if not granted.created:
         response.status_code = status.HTTP_200_OK
+    elif body.kind == "tune_image":
+        tunes.start_waiting_renders(engine, account_id)  # trained tunes waiting for credits
+        relay_quietly_all(engine)
     return {
         "id": granted.id,
         "account_id": granted.account_id,
@@ -70,3 +77,20 @@ def grant_credits(
         "reference": granted.reference,
         "created": granted.created,
     }
+
+
+def relay_quietly_all(engine: Any) -> None:
+    """Publish what a grant started (render dispatches); the re-publisher covers failures."""
+    with contextlib.suppress(Exception):  # best effort, like every fast path
+        relay(engine, get_publisher())
+
+
+class PlanIn(BaseModel):
+    plan: Literal["free", "standard", "business"]
+
+
+@router.post("/accounts/{account_id}/plan", responses={**ERRORS, 404: {"model": ErrorOut}})
+def change_plan(account_id: str, body: PlanIn, engine: EngineDep) -> dict[str, str]:
+    """Change an account's plan; recomputes its tunes' expiry (a lapse starts the clock)."""
+    tunes.set_plan(engine, account_id, body.plan)
+    return {"id": account_id, "plan": body.plan}

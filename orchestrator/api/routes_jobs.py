@@ -126,7 +126,7 @@ def cancel_job(
     its next step and charges only delivered outputs (202). Ended: 409."""
     job = jobs.cancel(engine, account_id, job_id)
     relay_quietly(engine, publish, job_id)
-    if job["status"] == states.RUNNING:
+    if job["status"] in (states.RUNNING, states.TRAINING, states.RENDERING):
         response.status_code = status.HTTP_202_ACCEPTED
     return job
 

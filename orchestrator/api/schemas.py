@@ -24,9 +24,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [TXT2IMG_EXAMPLE]})
 
-    type: Any = Field(
-        description="txt2img, upscale, face_enhance or remove_background (tune: quote only)"
-    )
+    type: Any = Field(description="txt2img, upscale, face_enhance, remove_background or tune")
     prompt: Any = Field(None, description="txt2img: the prompt (required)")
     negative_prompt: Any = Field(None, description="txt2img: what to avoid")
     width: Any = Field(None, description="txt2img: 256..1024, a multiple of 8 (default 512)")

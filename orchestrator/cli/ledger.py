@@ -102,6 +102,15 @@ def credits_grant(
         )
     except billing.BillingError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
+    if result.created and kind == "tune_image":
+        from orchestrator.tunes import start_waiting_renders
+
+        started = start_waiting_renders(get_engine(), account)
+        if started:
+            click.echo(
+                f"renders started for waiting tunes: {', '.join(started)} "
+                "(published by the beat re-publisher)"
+            )
     verb = "granted" if result.created else "already granted"
     click.echo(f"{verb} {amount} {kind} credits to {account} (reference {ref})")
 

@@ -79,6 +79,7 @@ def upgrade() -> None:
     op.create_table('job_results',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('job_id', sa.String(length=40), nullable=False),
+    sa.Column('phase', sa.String(length=20), nullable=False),
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('outcome', sa.String(length=20), nullable=False),
     sa.Column('delivered', sa.Integer(), nullable=False),
@@ -87,7 +88,7 @@ def upgrade() -> None:
     sa.Column('created_at', billing.tables.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_job_results_job_id_jobs')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_job_results')),
-    sa.UniqueConstraint('job_id', 'attempt', name='uq_job_results_job_attempt')
+    sa.UniqueConstraint('job_id', 'phase', 'attempt', name='uq_job_results_job_phase_attempt')
     )
     # ### end Alembic commands ###
 

@@ -1,0 +1,54 @@
+"""The tune style catalogue. The router's lifespan loads and validates the catalogue, so a
+broken styles.json stops the API from starting."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, FastAPI, Query
+from pydantic import BaseModel, Field
+
+from orchestrator.api.deps import AccountId
+from orchestrator.api.schemas import ErrorOut
+from orchestrator.styles import get_catalogue
+
+
+@asynccontextmanager
+async def validate_catalogue(app: FastAPI) -> AsyncIterator[None]:
+    get_catalogue()  # raises InvalidCatalogue (naming the style) on a broken file
+    yield
+
+
+router = APIRouter(prefix="/v1", tags=["styles"], lifespan=validate_catalogue)
+
+ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    401: {"model": ErrorOut, "description": "missing or bad API key"},
+}
+
+
+class StyleOut(BaseModel):
+    id: str
+    name: str
+    template: str = Field(description="the prompt; a tune puts '<token> <subject>' in {subject}")
+    negative_prompt: str
+    steps: int
+    guidance: float
+    tags: list[str]
+
+
+class StyleList(BaseModel):
+    styles: list[StyleOut]
+    default: list[str] = Field(description="the styles a tune renders when it names none")
+
+
+@router.get("/styles", response_model=StyleList, responses=ERRORS)
+def list_styles(
+    _account: AccountId,
+    tag: Annotated[str | None, Query(description="only styles with this tag")] = None,
+) -> dict[str, Any]:
+    """The style catalogue a tune picks its 8 render styles from (file order)."""
+    catalogue = get_catalogue()
+    styles = catalogue.styles if tag is None else catalogue.with_tag(tag)
+    return {"styles": [s.as_dict() for s in styles], "default": catalogue.default_ids()}

@@ -1,0 +1,308 @@
+"""Tunes end to end on the tiny kit: the product worker trains a LoRA (gpu.train) and renders
+64 images (gpu.txt2img); real PostgreSQL, Redis and model code."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from sqlalchemy import Engine, select
+
+from billing import ledger
+from billing.db import run_transaction
+from billing.verify import verify
+from orchestrator import jobs, tunes
+from orchestrator.dispatch import Publisher
+from orchestrator.outbox import relay
+from orchestrator.settings import get_settings
+from orchestrator.storage import Storage
+from tests.ledger_helpers import grant, new_account
+from tests.lifecycle_helpers import row, wait_until
+from tests.support.services import celery_worker
+
+TUNE_TIMEOUT_S = 300
+RENDER_PX = 128  # a setting (production: 512); small keeps the suite fast
+RENDER_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def tune_worker(
+    service_env: dict[str, str],
+    settings_env: None,
+    models_kit_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Any]:
+    env = {
+        **service_env,
+        "TOLLGATE_MODELS": str(models_kit_dir / "models.toml"),
+        "TOLLGATE_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TOLLGATE_TUNE_RENDER_SIZE_PX": str(RENDER_PX),
+        "TOLLGATE_TUNE_RENDER_STEPS_MAX": str(RENDER_STEPS),
+        "TOLLGATE_WORK_DIR": str(tmp_path_factory.mktemp("work")),
+    }
+    with celery_worker(
+        env,
+        tmp_path_factory.mktemp("logs"),
+        app="tests.support.tune_worker_app",
+        queues="gpu.train,gpu.txt2img",
+        concurrency=1,
+    ) as proc:
+        yield proc
+
+
+def photos() -> list[str]:
+    from skimage import data
+
+    face = Image.fromarray(data.astronaut())
+    out = []
+    for left, top in ((0, 0), (40, 0), (0, 40), (40, 40)):
+        buf = io.BytesIO()
+        face.crop((left, top, left + 400, top + 400)).resize((128, 128)).save(buf, "PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def tune_spec(steps: int = 8, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "tune",
+        "name": "me",
+        "subject": "woman",
+        "images_b64": photos(),
+        "training": {"steps": steps},
+        **extra,
+    }
+
+
+def submit(
+    engine: Engine, storage: Storage, redis_url: str, account: str, spec: dict[str, Any]
+) -> str:
+    job_id = str(jobs.submit(engine, storage, account, spec).job["id"])
+    relay(engine, Publisher(redis_url), job_id=job_id)
+    return job_id
+
+
+def wait_status(engine: Engine, job_id: str, *statuses: str) -> Any:
+    return wait_until(engine, job_id, lambda r: r.status in statuses, TUNE_TIMEOUT_S)
+
+
+def balance(engine: Engine, account: str, kind: str) -> ledger.Balance:
+    return run_transaction(engine, lambda c: ledger.get_balance(c, account, kind))
+
+
+def funded(engine: Engine, tune: int, tune_image: int, plan: str = "free") -> str:
+    acc = new_account(engine, plan)
+    if tune:
+        grant(engine, acc, tune, kind="tune")
+    if tune_image:
+        grant(engine, acc, tune_image, kind="tune_image")
+    return acc
+
+
+def test_full_flow_trains_renders_64_and_charges_exactly(
+    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, models_kit_dir: Path
+) -> None:
+    acc = funded(pg_engine, tune=1, tune_image=64)
+    tune_id = submit(
+        pg_engine,
+        storage,
+        redis_url,
+        acc,
+        tune_spec(steps=30, training={"steps": 30, "learning_rate": 1e-3}),
+    )
+    assert balance(pg_engine, acc, "tune_image").held == 64
+    done = wait_status(pg_engine, tune_id, "succeeded", "failed")
+    assert done.status == "succeeded", done.error
+    delivered = [o for o in done.outputs if o["delivered"]]
+    assert len(delivered) == 64
+    assert sorted(o["index"] for o in delivered) == list(range(64))
+    t = tunes.tune_view(pg_engine, storage, acc, tune_id)
+    assert t["credits"]["tune"] == {"held": 0, "charged": 1, "refunded": 0}
+    assert t["credits"]["tune_image"] == {"held": 0, "charged": 64, "refunded": 0}
+    assert len(t["outputs"]) == 64 and t["contact_sheet"] == f"/v1/tunes/{tune_id}/contact_sheet"
+    sheet = Image.open(io.BytesIO(storage.get(f"tunes/{tune_id}/contact_sheet.png")))
+    assert sheet.width > 8 * 128 and sheet.height >= 8 * 128
+    assert t["expires_at"] is not None  # free plan: 30 days
+    b_tune, b_img = balance(pg_engine, acc, "tune"), balance(pg_engine, acc, "tune_image")
+    assert (b_tune.balance, b_tune.held, b_img.balance, b_img.held) == (0, 0, 0, 0)
+    tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id))
+    assert tune.image_keys == []  # the training photos are deleted
+    assert not any(storage.exists(k) for k in _photo_keys(pg_engine, acc))
+    _assert_lora_changes_outputs(models_kit_dir, storage, tune)
+    assert run_transaction(pg_engine, verify) == []
+
+
+def _photo_keys(engine: Engine, account: str) -> list[str]:
+    from orchestrator.tables import images
+
+    return list(
+        run_transaction(
+            engine,
+            lambda c: c.execute(
+                select(images.c.path).where(images.c.account_id == account)
+            ).scalars(),
+        )
+    )
+
+
+def _assert_lora_changes_outputs(kit: Path, storage: Storage, tune: Any) -> None:
+    from models.cache import ModelCache
+    from models.manager import ModelManager
+
+    lora = kit.parent / f"{tune.id}.safetensors"
+    lora.write_bytes(storage.get(tune.lora_key))
+    manager = ModelManager(kit / "models.toml", cache=ModelCache(4 * 1024**3), device="cpu")
+    common = {"width": RENDER_PX, "height": RENDER_PX, "steps": 4, "guidance": 7.5, "seeds": [3]}
+    prompt = f"a photo of {tune.token} {tune.subject}"
+    base = manager.txt2img(tune.base_model, prompt, **common).images[0]
+    tuned = manager.txt2img(tune.base_model, prompt, lora=str(lora), **common).images[0]
+    diff = np.abs(np.asarray(base, dtype=float) - np.asarray(tuned, dtype=float)).mean() / 255
+    assert diff > 1e-3
+
+
+def test_without_tune_image_credits_it_trains_waits_then_renders_on_grant(
+    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from orchestrator.api.app import create_app
+
+    acc = funded(pg_engine, tune=1, tune_image=0)
+    tune_id = submit(pg_engine, storage, redis_url, acc, tune_spec())
+    waiting = wait_status(pg_engine, tune_id, "awaiting_credits", "failed")
+    assert waiting.status == "awaiting_credits", waiting.error
+    assert balance(pg_engine, acc, "tune").balance == 0
+    assert balance(pg_engine, acc, "tune_image").held == 0
+    assert tunes.tune_view(pg_engine, storage, acc, tune_id)["credits"]["tune_image"] == {
+        "held": 0,
+        "charged": 0,
+        "refunded": 0,
+    }
+    admin = {"Authorization": f"Bearer {get_settings().admin_token}"}
+    with TestClient(create_app()) as client:
+        r = client.post(
+            f"/v1/accounts/{acc}/grants",
+            headers=admin,
+            json={
+                "kind": "tune_image",
+                "amount": 64,
+                "source": "purchase",
+                "reference": f"buy-{tune_id}",
+            },
+        )
+        assert r.status_code == 201, r.text
+    done = wait_status(pg_engine, tune_id, "succeeded", "failed")
+    assert done.status == "succeeded", done.error
+    assert balance(pg_engine, acc, "tune_image").balance == 0
+
+
+def test_five_of_64_withheld_are_released(
+    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    redis.Redis.from_url(redis_url).set("tollgate:test:withhold", 5)
+    acc = funded(pg_engine, tune=1, tune_image=64)
+    tune_id = submit(pg_engine, storage, redis_url, acc, tune_spec())
+    done = wait_status(pg_engine, tune_id, "succeeded", "failed")
+    assert done.status == "succeeded", done.error
+    assert sum(1 for o in done.outputs if o["delivered"]) == 59
+    assert "5 of 64 outputs not delivered" in done.error
+    credits = tunes.tune_view(pg_engine, storage, acc, tune_id)["credits"]["tune_image"]
+    assert credits == {"held": 0, "charged": 59, "refunded": 5}
+    assert balance(pg_engine, acc, "tune_image").available == 5
+
+
+def test_training_failure_releases_both_holds(
+    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    acc = funded(pg_engine, tune=1, tune_image=64)
+    # The model layer trains LoRAs on SD 1.x only: an SDXL tune fails in training.
+    tune_id = submit(pg_engine, storage, redis_url, acc, tune_spec(base_model="sdxl"))
+    done = wait_status(pg_engine, tune_id, "failed", "succeeded", "awaiting_credits")
+    assert done.status == "failed"
+    assert (done.charged, done.refunded) == (0, 1)
+    assert balance(pg_engine, acc, "tune").available == 1
+    assert balance(pg_engine, acc, "tune_image").available == 64
+    tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id))
+    assert tune.image_keys == []  # photos deleted on failure too
+
+
+def _pool_children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_worker_killed_mid_training_resumes_from_its_checkpoint(
+    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    acc = funded(pg_engine, tune=1, tune_image=0)
+    tune_id = submit(pg_engine, storage, redis_url, acc, tune_spec(steps=150))
+    wait_until(
+        pg_engine,
+        tune_id,
+        lambda r: r.status == "training" and r.progress_step >= 40,
+        TUNE_TIMEOUT_S,
+    )
+    for child in _pool_children(tune_worker.pid):
+        os.kill(child, signal.SIGKILL)
+    done = wait_status(pg_engine, tune_id, "awaiting_credits", "failed")
+    assert done.status == "awaiting_credits", done.error
+    assert done.attempt == 0  # reset for the render phase, after attempt 2 trained
+    tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id))
+    assert tune.training["resumed_from"] >= 15  # checkpoints every 15 steps
+    assert balance(pg_engine, acc, "tune").balance == 0  # charged once
+    assert run_transaction(pg_engine, verify) == []
+
+
+def test_retention_by_plan_with_an_injected_clock(
+    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    free = funded(pg_engine, tune=1, tune_image=0, plan="free")
+    paid = funded(pg_engine, tune=1, tune_image=0, plan="standard")
+    ids = {
+        acc: submit(pg_engine, storage, redis_url, acc, tune_spec(steps=1)) for acc in (free, paid)
+    }
+    for tune_id in ids.values():
+        assert (
+            wait_status(pg_engine, tune_id, "awaiting_credits", "failed").status
+            == "awaiting_credits"
+        )
+    free_tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, ids[free]))
+    trained = free_tune.trained_at
+    assert free_tune.expires_at == trained + timedelta(days=30)
+    assert run_transaction(pg_engine, lambda c: tunes.get_tune(c, ids[paid])).expires_at is None
+    # Day 29: nothing expires. Day 31: the free tune's weights go; the paid one stays.
+    assert ids[free] not in tunes.sweep_expired(pg_engine, storage, trained + timedelta(days=29))
+    swept = tunes.sweep_expired(pg_engine, storage, trained + timedelta(days=31))
+    assert ids[free] in swept and ids[paid] not in swept
+    assert row(pg_engine, ids[free]).status == "expired"
+    assert not storage.exists(free_tune.lora_key)
+    grant(pg_engine, free, 8, kind="tune_image")
+    with pytest.raises(tunes.TuneGone):
+        jobs.submit(
+            pg_engine,
+            storage,
+            free,
+            {
+                "type": "tune_prompt",
+                "tune_id": ids[free],
+                "prompt": f"a photo of {free_tune.token} woman",
+            },
+        )
+    assert balance(pg_engine, free, "tune_image").held == 0  # nothing held for a gone tune
+    # The paid plan lapses: its clock starts at the lapse.
+    lapse = trained + timedelta(days=100)
+    tunes.set_plan(pg_engine, paid, "free", now=lapse)
+    paid_tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, ids[paid]))
+    assert paid_tune.expires_at == lapse + timedelta(days=30)
+    assert ids[paid] not in tunes.sweep_expired(pg_engine, storage, lapse + timedelta(days=29))
+    assert ids[paid] in tunes.sweep_expired(pg_engine, storage, lapse + timedelta(days=31))
