@@ -47,6 +47,17 @@ def demo_photo() -> bytes:
     return buf.getvalue()
 
 
+def demo_crops() -> list[str]:
+    """Four crops of the demo photo: a tune's training set."""
+    photo = Image.open(io.BytesIO(demo_photo()))
+    out = []
+    for left, top in ((0, 0), (24, 0), (0, 24), (24, 24)):
+        buf = io.BytesIO()
+        photo.crop((left, top, left + 232, top + 232)).resize((128, 128)).save(buf, "PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
 def demo_specs(photo_b64: str) -> list[dict[str, Any]]:
     return [
         {
@@ -71,6 +82,13 @@ def demo_specs(photo_b64: str) -> list[dict[str, Any]]:
         {"type": "upscale", "scale": 4, "image_b64": photo_b64},
         {"type": "face_enhance", "image_b64": photo_b64},
         {"type": "remove_background", "image_b64": photo_b64},
+        {
+            "type": "tune",
+            "name": "astronaut",
+            "subject": "woman",
+            "images_b64": demo_crops(),
+            "training": {"steps": 30, "learning_rate": 1e-3},
+        },
     ]
 
 
@@ -88,17 +106,22 @@ def run_demo(api_port: int, var_dir: Path, wait: bool) -> int:
     registry = build_tiny_models(var_dir)
     if registry and not os.environ.get("TOLLGATE_MODELS"):
         os.environ["TOLLGATE_MODELS"] = registry
+    # Tiny CPU models: train and render the demo tune small (production: 512 px).
+    os.environ.setdefault("TOLLGATE_TUNE_TRAIN_SIZE_PX", "128")
+    os.environ.setdefault("TOLLGATE_TUNE_RENDER_SIZE_PX", "128")
+    os.environ.setdefault("TOLLGATE_TUNE_RENDER_STEPS_MAX", "4")
     stack = Standalone(api_port=api_port, var_dir=var_dir, quiet=("redis", "beat"))
     try:
         stack.start()
         engine = get_engine()
         new = accounts.create_account(engine, f"demo-{secrets.token_hex(3)}", "free")
-        run_transaction(
-            engine,
-            lambda c: ledger.grant(
-                c, new.id, "image", DEMO_CREDITS, source="promo", reference=f"demo-{new.id}"
-            ),
-        )
+        for kind, amount in (("image", DEMO_CREDITS), ("tune", 1), ("tune_image", 64)):
+
+            def give(conn: Any, kind: str = kind, amount: int = amount) -> Any:
+                reference = f"demo-{new.id}-{kind}"
+                return ledger.grant(conn, new.id, kind, amount, source="promo", reference=reference)
+
+            run_transaction(engine, give)
         client = redis.Redis.from_url(get_settings().redis_url)
         photo = base64.b64encode(demo_photo()).decode()
         keys = []
@@ -186,6 +209,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             if paths
             else (job["error"] or "-")
         )
+        if job["type"] == "tune" and job["status"] == "succeeded":
+            sheet = storage.local_path(f"tunes/{job['id']}/contact_sheet.png")
+            where = f"64 images; contact sheet {sheet}"
         click.echo(
             f"{job['id']:<29}{job['type']:<18}{job['price']['credits']:>6}  "
             f"{job['status']:<10}{job['charged']:>8}{job['refunded']:>9}  {where}"
