@@ -162,6 +162,7 @@ def _find(engine: Any, account_id: str, key: str) -> dict[str, Any] | None:
 def _follow(engine: Any, account_id: str, keys: list[tuple[str, str]]) -> list[dict[str, Any]]:
     deadline = time.monotonic() + DEMO_TIMEOUT_S
     found: dict[str, dict[str, Any]] = {}
+    last = ""
     while time.monotonic() < deadline:
         for key, _type in keys:
             job = _find(engine, account_id, key)
@@ -178,8 +179,16 @@ def _follow(engine: Any, account_id: str, keys: list[tuple[str, str]]) -> list[d
             else f"{t}:submitted"
             for k, t in keys
         )
-        sys.stdout.write(f"\r\033[K{line}"[:400])
-        sys.stdout.flush()
+        if sys.stdout.isatty():  # one live line
+            sys.stdout.write(f"\r\033[K{line}"[:400])
+            sys.stdout.flush()
+        else:  # a log: a line per change of state, not per step
+            states_now = " ".join(
+                f"{t}:{found[k]['status']}" if k in found else f"{t}:submitted" for k, t in keys
+            )
+            if states_now != last:
+                click.echo(states_now)
+                last = states_now
         if len(found) == len(keys) and all(j["status"] in TERMINAL for j in found.values()):
             break
         time.sleep(0.3)
