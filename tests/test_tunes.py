@@ -306,3 +306,82 @@ def test_retention_by_plan_with_an_injected_clock(
     assert paid_tune.expires_at == lapse + timedelta(days=30)
     assert ids[paid] not in tunes.sweep_expired(pg_engine, storage, lapse + timedelta(days=29))
     assert ids[paid] in tunes.sweep_expired(pg_engine, storage, lapse + timedelta(days=31))
+
+
+def test_cancel_during_training_refunds_both_holds(
+    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    acc = funded(pg_engine, tune=1, tune_image=64)
+    tune_id = submit(pg_engine, storage, redis_url, acc, tune_spec(steps=150))
+    wait_until(
+        pg_engine,
+        tune_id,
+        lambda r: r.status == "training" and r.progress_step >= 5,
+        TUNE_TIMEOUT_S,
+    )
+    assert jobs.cancel(pg_engine, acc, tune_id)["status"] == "training"  # stops at its next step
+    done = wait_status(pg_engine, tune_id, "canceled", "failed", "rendering", "awaiting_credits")
+    assert done.status == "canceled"
+    assert balance(pg_engine, acc, "tune").available == 1
+    assert balance(pg_engine, acc, "tune_image").available == 64
+
+
+def test_later_prompts_over_http_and_gone_after_retention(
+    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from orchestrator import accounts
+    from orchestrator.api.app import create_app
+
+    new = accounts.create_account(pg_engine, "prompter", "free")
+    grant(pg_engine, new.id, 1, kind="tune")
+    tune_id = submit(pg_engine, storage, redis_url, new.id, tune_spec(steps=1))
+    assert (
+        wait_status(pg_engine, tune_id, "awaiting_credits", "failed").status == "awaiting_credits"
+    )
+    grant(pg_engine, new.id, 4, kind="tune_image")  # not enough for the 64-image render
+    auth = {"Authorization": f"Bearer {new.api_key}"}
+    with TestClient(create_app()) as client:
+        tune = client.get(f"/v1/tunes/{tune_id}", headers=auth).json()
+        assert tune["status"] == "awaiting_credits" and tune["token"]
+        r = client.post(f"/v1/tunes/{tune_id}/render", headers=auth)
+        assert r.status_code == 402 and r.json()["needed"] == 64
+        bad = client.post(
+            f"/v1/tunes/{tune_id}/prompts",
+            headers=auth,
+            json={"prompt": "a photo of somebody else"},
+        )
+        assert bad.status_code == 422 and bad.json()["field"] == "prompt"
+        r = client.post(
+            f"/v1/tunes/{tune_id}/prompts",
+            headers=auth,
+            json={
+                "style": "oil-painting",
+                "num_images": 2,
+                "width": 256,
+                "height": 256,
+                "steps": 2,
+            },
+        )
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["price"] == {"credits": 2, "credit_kind": "tune_image"}
+        done = wait_status(pg_engine, job["id"], "succeeded", "failed")
+        assert (done.status, done.charged) == ("succeeded", 2), done.error
+        expired_at = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id)).expires_at
+        tunes.sweep_expired(pg_engine, storage, expired_at + timedelta(seconds=1))
+        gone = client.post(
+            f"/v1/tunes/{tune_id}/prompts",
+            headers=auth,
+            json={
+                "style": "oil-painting",
+                "num_images": 1,
+                "width": 256,
+                "height": 256,
+                "steps": 2,
+            },
+        )
+        assert gone.status_code == 410, gone.text
+        assert client.get(f"/v1/tunes/{tune_id}", headers=auth).json()["status"] == "expired"
+    assert balance(pg_engine, new.id, "tune_image").available == 2
