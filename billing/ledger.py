@@ -14,16 +14,14 @@ On PostgreSQL, `hold` and the resolutions (`commit`, `release`, `expire`) are on
 each: they call the PL/pgSQL functions `tollgate_ledger_hold` and `tollgate_ledger_resolve`
 (migration 0003), which do what the Python path below does, in the same order and with the
 same lock, and return an error code instead of raising (so, as in Python, what ran before
-the error stays in the caller's transaction); `_hold_pg` and `_resolve_pg` turn the code
+the error stays in the caller's transaction); billing.ledger_pg turns the code
 into the same exception. SQLite (and everything else) runs the Python (Core) path.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, and_, func, insert, nulls_last, or_, select, update
 
@@ -36,15 +34,23 @@ from billing.errors import (
     UnknownAccount,
     UnknownHold,
 )
+from billing.ledger_pg import hold_pg, on_postgresql, resolve_pg
 from billing.pricing import CREDIT_KINDS
 from billing.tables import (
-    REFERENCE_MAX_LEN,
     accounts,
     balances,
     entries,
     grants,
     hold_allocations,
     holds,
+)
+from billing.values import (
+    Balance,
+    Grant,
+    Hold,
+    check_amount,
+    check_kind,
+    check_reference,
 )
 
 PLANS = ("free", "standard", "business")
@@ -53,56 +59,6 @@ GRANT_AMOUNT_MAX = 10_000_000
 HOLD_AMOUNT_MAX = 100_000
 HOLD_TTL_S_MAX = 7 * 24 * 3600
 EXPIRE_BATCH_MAX = 500
-
-
-@dataclass(frozen=True)
-class Balance:
-    kind: str
-    balance: int
-    held: int
-    available: int
-
-
-@dataclass(frozen=True)
-class Hold:
-    id: int
-    reference: str
-    account_id: str
-    kind: str
-    amount: int
-    status: str
-    committed: int
-    expires_at: datetime
-
-    @property
-    def released(self) -> int:
-        """Credits given back: all of them unless committed, the rest after a partial commit."""
-        return 0 if self.status == "open" else self.amount - self.committed
-
-
-@dataclass(frozen=True)
-class Grant:
-    id: int
-    reference: str
-    account_id: str
-    kind: str
-    amount: int
-    created: bool
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in CREDIT_KINDS:
-        raise InvalidAmount("kind", f"must be one of {', '.join(CREDIT_KINDS)}, got {kind!r}")
-
-
-def _check_amount(field: str, amount: int, lo: int, hi: int) -> None:
-    if isinstance(amount, bool) or not isinstance(amount, int) or not lo <= amount <= hi:
-        raise InvalidAmount(field, f"must be an integer in {lo}..{hi}, got {amount!r}")
-
-
-def _check_reference(reference: str) -> None:
-    if not isinstance(reference, str) or not 1 <= len(reference) <= REFERENCE_MAX_LEN:
-        raise InvalidAmount("reference", f"must be a string of 1..{REFERENCE_MAX_LEN} characters")
 
 
 def new_account_id() -> str:
@@ -210,9 +166,9 @@ def grant(
     now: datetime | None = None,
 ) -> Grant:
     """Add credits. Idempotent on `reference`: the same grant again adds nothing."""
-    _check_kind(kind)
-    _check_amount("amount", amount, 1, GRANT_AMOUNT_MAX)
-    _check_reference(reference)
+    check_kind(kind)
+    check_amount("amount", amount, 1, GRANT_AMOUNT_MAX)
+    check_reference(reference)
     if source not in GRANT_SOURCES:
         raise InvalidAmount("source", f"must be one of {', '.join(GRANT_SOURCES)}, got {source!r}")
     if expires_at is not None and expires_at.tzinfo is None:
@@ -287,13 +243,13 @@ def hold(
 ) -> Hold:
     """Reserve `amount` credits under `reference` (unique; a retry returns the same hold).
     Raises InsufficientCredits (with needed and available) when they are not there."""
-    _check_kind(kind)
-    _check_amount("amount", amount, 1, HOLD_AMOUNT_MAX)
-    _check_amount("ttl_s", ttl_s, 1, HOLD_TTL_S_MAX)
-    _check_reference(reference)
+    check_kind(kind)
+    check_amount("amount", amount, 1, HOLD_AMOUNT_MAX)
+    check_amount("ttl_s", ttl_s, 1, HOLD_TTL_S_MAX)
+    check_reference(reference)
     now = now or utcnow()
-    if _on_postgresql(conn):
-        return _hold_pg(conn, account_id, kind, amount, reference, ttl_s, now)
+    if on_postgresql(conn):
+        return hold_pg(conn, account_id, kind, amount, reference, ttl_s, now)
     _lock_balance(conn, account_id, kind)
     existing = get_hold(conn, reference)
     if existing is not None:
@@ -360,121 +316,6 @@ def hold(
     )
     _add_to_balance(conn, account_id, kind, 0, amount)
     return Hold(hold_id, reference, account_id, kind, amount, "open", 0, expires_at)
-
-
-# --- PostgreSQL: one round trip per hold and per resolution ------------------------------
-#
-# Plain driver SQL (pyformat, as psycopg takes it): no SQLAlchemy statement building or
-# bind/result type processing per call. Timestamps go in and come out as naive UTC, which is
-# what the `UTCDateTime` columns store.
-
-_PG_HOLD_SQL = (
-    "SELECT r_error, r_available, r_id, r_account_id, r_kind, r_amount, r_status,"
-    " r_committed, r_expires_at FROM tollgate_ledger_hold(%(account)s::text, %(kind)s::text,"
-    " %(amount)s::bigint, %(reference)s::text, %(ttl_s)s::integer, %(now)s::timestamp)"
-)
-_PG_RESOLVE_SQL = (
-    "SELECT r_error, r_id, r_account_id, r_kind, r_amount, r_status, r_committed,"
-    " r_expires_at FROM tollgate_ledger_resolve(%(reference)s::text, %(status)s::text,"
-    " %(committed)s::bigint, %(now)s::timestamp)"
-)
-_BIGINT_MAX = 2**63 - 1
-
-
-def _on_postgresql(conn: Connection) -> bool:
-    return conn.dialect.name == "postgresql"
-
-
-def _naive_utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError("naive datetime given to a UTC column")
-    return value.astimezone(UTC).replace(tzinfo=None)
-
-
-def _pg_hold(row: Any, reference: str) -> Hold:
-    """A Hold from the r_id..r_expires_at columns the functions return (last seven)."""
-    hold_id, account_id, kind, amount, status, committed, expires_at = row[-7:]
-    return Hold(
-        id=hold_id,
-        reference=reference,
-        account_id=account_id,
-        kind=kind,
-        amount=int(amount),
-        status=status,
-        committed=int(committed),
-        expires_at=expires_at.replace(tzinfo=UTC),
-    )
-
-
-def _hold_pg(
-    conn: Connection,
-    account_id: str,
-    kind: str,
-    amount: int,
-    reference: str,
-    ttl_s: int,
-    now: datetime,
-) -> Hold:
-    row = conn.exec_driver_sql(
-        _PG_HOLD_SQL,
-        {
-            "account": account_id,
-            "kind": kind,
-            "amount": amount,
-            "reference": reference,
-            "ttl_s": ttl_s,
-            "now": _naive_utc(now),
-        },
-    ).one()
-    error = row[0]
-    if error is None:
-        return _pg_hold(row, reference)
-    if error == "unknown_account":
-        raise UnknownAccount(account_id)
-    if error == "insufficient":
-        raise InsufficientCredits(kind, needed=amount, available=int(row[1]))
-    if error == "conflict":
-        existing = _pg_hold(row, reference)
-        raise ReferenceConflict(
-            reference, f"a hold of {existing.amount} {existing.kind} on {existing.account_id}"
-        )
-    raise AssertionError(f"tollgate_ledger_hold returned {error!r}")
-
-
-def _resolve_pg(
-    conn: Connection, reference: str, status: str, committed: Any, now: datetime
-) -> Hold:
-    """commit/release/expire in one statement. `committed` is the caller's amount, unchecked:
-    the function checks it against the hold after the lock, where the Python path does."""
-    valid = (
-        not isinstance(committed, bool)
-        and isinstance(committed, int)
-        and 0 <= committed <= _BIGINT_MAX
-    )
-    row = conn.exec_driver_sql(
-        _PG_RESOLVE_SQL,
-        {
-            "reference": reference,
-            "status": status,
-            "committed": committed if valid else None,  # NULL: refused after the lock
-            "now": _naive_utc(now),
-        },
-    ).one()
-    error = row[0]
-    if error is None:
-        return _pg_hold(row, reference)
-    if error == "unknown_hold":
-        raise UnknownHold(reference)
-    if error == "unknown_account":
-        raise UnknownAccount(row[2])
-    found = _pg_hold(row, reference)
-    if error == "resolved":
-        raise HoldAlreadyResolved(reference, found.status)
-    if error == "invalid_amount":
-        _check_amount("amount", committed, 0, found.amount)  # raises InvalidAmount
-    if error == "not_due":
-        raise InvalidAmount("expires_at", f"hold {reference!r} is not due until {found.expires_at}")
-    raise AssertionError(f"tollgate_ledger_resolve returned {error!r}")
 
 
 def _lock_open_hold(conn: Connection, reference: str) -> Hold:
@@ -550,25 +391,25 @@ def _resolve(conn: Connection, the_hold: Hold, status: str, committed: int, now:
 
 def commit(conn: Connection, reference: str, amount: int, *, now: datetime | None = None) -> Hold:
     """Charge `amount` (<= held) of a hold; the rest is released. Once per hold."""
-    if _on_postgresql(conn):
-        return _resolve_pg(conn, reference, "committed", amount, now or utcnow())
+    if on_postgresql(conn):
+        return resolve_pg(conn, reference, "committed", amount, now or utcnow())
     locked = _lock_open_hold(conn, reference)
-    _check_amount("amount", amount, 0, locked.amount)
+    check_amount("amount", amount, 0, locked.amount)
     return _resolve(conn, locked, "committed", amount, now or utcnow())
 
 
 def release(conn: Connection, reference: str, *, now: datetime | None = None) -> Hold:
     """Give a hold's credits back. Once per hold."""
-    if _on_postgresql(conn):
-        return _resolve_pg(conn, reference, "released", 0, now or utcnow())
+    if on_postgresql(conn):
+        return resolve_pg(conn, reference, "released", 0, now or utcnow())
     return _resolve(conn, _lock_open_hold(conn, reference), "released", 0, now or utcnow())
 
 
 def expire(conn: Connection, reference: str, *, now: datetime | None = None) -> Hold:
     """Expire one hold that is past its deadline (its credits go back)."""
     now = now or utcnow()
-    if _on_postgresql(conn):
-        return _resolve_pg(conn, reference, "expired", 0, now)
+    if on_postgresql(conn):
+        return resolve_pg(conn, reference, "expired", 0, now)
     locked = _lock_open_hold(conn, reference)
     if locked.expires_at > now:
         raise InvalidAmount(
@@ -612,7 +453,7 @@ def get_balance(
 ) -> Balance:
     """Balance as a user sees it: credits in expired grants are not counted, even before
     the sweeper has written their expiry entries."""
-    _check_kind(kind)
+    check_kind(kind)
     now = now or utcnow()
     row = conn.execute(
         select(balances.c.held).where(balances.c.account_id == account_id, balances.c.kind == kind)
