@@ -31,7 +31,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.execution import Phase
 from orchestrator.images import decode_b64, image_key, store_image
 from orchestrator.jobs import JobNotFound, lock_job, transition, view
-from orchestrator.settings import get_settings
+from orchestrator.retention import expires_at_for
 from orchestrator.storage import Storage
 from orchestrator.tables import jobs, tunes
 
@@ -40,7 +40,6 @@ RENDER_TASK: Final = "tune_render"
 RENDER_DEADLINE_S: Final = QUEUE_ALLOWANCE_S + 3600
 TOKEN_LETTERS: Final = "bcdfghjklmnpqrstvwxz"  # consonant strings are rare in CLIP's vocab
 TOKEN_LEN: Final = 5
-PAID_PLANS: Final = ("standard", "business")
 
 
 class TuneGone(OrchestratorError):
@@ -165,17 +164,6 @@ def _open_render_hold(conn: Connection, tune: Row[Any]) -> ledger.Hold | None:
 # --------------------------------------------------------------------- settlement
 
 
-def expires_at_for(plan: str, lapsed_at: datetime | None, trained_at: datetime) -> datetime | None:
-    """When a trained tune's weights are deleted (None: kept while the plan is paid)."""
-    settings = get_settings()
-    if plan in PAID_PLANS:
-        return None
-    if lapsed_at is not None:
-        start = max(trained_at, lapsed_at)
-        return start + timedelta(days=settings.tune_retention_lapsed_days)
-    return trained_at + timedelta(days=settings.tune_retention_free_days)
-
-
 def _release_all(conn: Connection, row: Row[Any], now: datetime) -> int:
     """Release the tune hold and any render hold; returns tune credits refunded."""
     refunded = 0
@@ -215,6 +203,7 @@ def settle_training(
     if tune_hold is not None and tune_hold.status == "open":
         ledger.commit(conn, row.id, tune_hold.amount, now=now)
     account = conn.execute(select(accounts).where(accounts.c.id == row.account_id)).one()
+
     conn.execute(
         update(tunes)
         .where(tunes.c.id == row.id)
@@ -349,87 +338,6 @@ def start_waiting_renders(engine: Engine, account_id: str | None = None) -> list
         except TuneNotReady:
             continue
     return started
-
-
-# --------------------------------------------------------------------- retention
-
-
-def set_plan(engine: Engine, account_id: str, plan: str, now: datetime | None = None) -> None:
-    """Change an account's plan and recompute its tunes' expiry. Leaving a paid plan starts
-    the lapse clock; returning to one stops it."""
-
-    def work(conn: Connection) -> None:
-        at = now or utcnow()
-        account = ledger.get_account(conn, account_id)
-        if plan not in ledger.PLANS:
-            raise ledger.InvalidAmount("plan", f"must be one of {', '.join(ledger.PLANS)}")
-        lapsed = account.plan_lapsed_at
-        if plan in PAID_PLANS:
-            lapsed = None
-        elif account.plan in PAID_PLANS:
-            lapsed = at
-        conn.execute(
-            update(accounts)
-            .where(accounts.c.id == account_id)
-            .values(plan=plan, plan_lapsed_at=lapsed)
-        )
-        for tune in conn.execute(
-            select(tunes).where(
-                tunes.c.account_id == account_id,
-                tunes.c.trained_at.is_not(None),
-                tunes.c.weights_deleted_at.is_(None),
-            )
-        ):
-            conn.execute(
-                update(tunes)
-                .where(tunes.c.id == tune.id)
-                .values(expires_at=expires_at_for(plan, lapsed, tune.trained_at))
-            )
-
-    run_transaction(engine, work)
-
-
-def sweep_expired(
-    engine: Engine, storage: Storage, now: datetime | None = None, limit: int = 100
-) -> list[str]:
-    """Beat: delete the weights of tunes past their expiry and mark them expired."""
-    at = now or utcnow()
-    due = run_transaction(
-        engine,
-        lambda c: list(
-            c.execute(
-                select(tunes.c.id)
-                .where(tunes.c.expires_at <= at, tunes.c.weights_deleted_at.is_(None))
-                .order_by(tunes.c.expires_at)
-                .limit(limit)
-            ).scalars()
-        ),
-    )
-    swept = []
-    for tune_id in due:
-
-        def work(conn: Connection, tune_id: str = tune_id) -> str | None:
-            tune = get_tune(conn, tune_id)
-            row = lock_job(conn, tune_id)
-            if tune.weights_deleted_at is not None or row.status == states.RENDERING:
-                return None  # a render in flight finishes first
-            conn.execute(update(tunes).where(tunes.c.id == tune_id).values(weights_deleted_at=at))
-            if row.status in (states.SUCCEEDED, states.AWAITING_CREDITS):
-                transition(
-                    conn,
-                    tune_id,
-                    states.EXPIRED,
-                    at,
-                    error="tune weights deleted after the retention period",
-                )
-            return str(tune.lora_key) if tune.lora_key else ""
-
-        key = run_transaction(engine, work)
-        if key is not None:
-            if key:
-                storage.delete(key)
-            swept.append(tune_id)
-    return swept
 
 
 def tune_view(

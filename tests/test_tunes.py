@@ -21,7 +21,7 @@ from sqlalchemy import Engine, select
 from billing import ledger
 from billing.db import run_transaction
 from billing.verify import verify
-from orchestrator import jobs, tunes
+from orchestrator import jobs, retention, tunes
 from orchestrator.dispatch import Publisher
 from orchestrator.outbox import relay
 from orchestrator.settings import get_settings
@@ -281,8 +281,10 @@ def test_retention_by_plan_with_an_injected_clock(
     assert free_tune.expires_at == trained + timedelta(days=30)
     assert run_transaction(pg_engine, lambda c: tunes.get_tune(c, ids[paid])).expires_at is None
     # Day 29: nothing expires. Day 31: the free tune's weights go; the paid one stays.
-    assert ids[free] not in tunes.sweep_expired(pg_engine, storage, trained + timedelta(days=29))
-    swept = tunes.sweep_expired(pg_engine, storage, trained + timedelta(days=31))
+    assert ids[free] not in retention.sweep_expired(
+        pg_engine, storage, trained + timedelta(days=29)
+    )
+    swept = retention.sweep_expired(pg_engine, storage, trained + timedelta(days=31))
     assert ids[free] in swept and ids[paid] not in swept
     assert row(pg_engine, ids[free]).status == "expired"
     assert not storage.exists(free_tune.lora_key)
@@ -301,11 +303,11 @@ def test_retention_by_plan_with_an_injected_clock(
     assert balance(pg_engine, free, "tune_image").held == 0  # nothing held for a gone tune
     # The paid plan lapses: its clock starts at the lapse.
     lapse = trained + timedelta(days=100)
-    tunes.set_plan(pg_engine, paid, "free", now=lapse)
+    retention.set_plan(pg_engine, paid, "free", now=lapse)
     paid_tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, ids[paid]))
     assert paid_tune.expires_at == lapse + timedelta(days=30)
-    assert ids[paid] not in tunes.sweep_expired(pg_engine, storage, lapse + timedelta(days=29))
-    assert ids[paid] in tunes.sweep_expired(pg_engine, storage, lapse + timedelta(days=31))
+    assert ids[paid] not in retention.sweep_expired(pg_engine, storage, lapse + timedelta(days=29))
+    assert ids[paid] in retention.sweep_expired(pg_engine, storage, lapse + timedelta(days=31))
 
 
 def test_cancel_during_training_refunds_both_holds(
@@ -370,7 +372,7 @@ def test_later_prompts_over_http_and_gone_after_retention(
         done = wait_status(pg_engine, job["id"], "succeeded", "failed")
         assert (done.status, done.charged) == ("succeeded", 2), done.error
         expired_at = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id)).expires_at
-        tunes.sweep_expired(pg_engine, storage, expired_at + timedelta(seconds=1))
+        retention.sweep_expired(pg_engine, storage, expired_at + timedelta(seconds=1))
         gone = client.post(
             f"/v1/tunes/{tune_id}/prompts",
             headers=auth,

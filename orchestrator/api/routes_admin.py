@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from billing import ledger
 from billing.db import run_transaction
-from orchestrator import accounts, tunes
+from orchestrator import accounts, retention, tunes
 from orchestrator.api.deps import Admin, EngineDep
 from orchestrator.api.schemas import AccountIn, AccountOut, ErrorOut, GrantIn, GrantOut
 from orchestrator.dispatch import get_publisher
@@ -92,5 +92,5 @@ class PlanIn(BaseModel):
 @router.post("/accounts/{account_id}/plan", responses={**ERRORS, 404: {"model": ErrorOut}})
 def change_plan(account_id: str, body: PlanIn, engine: EngineDep) -> dict[str, str]:
     """Change an account's plan; recomputes its tunes' expiry (a lapse starts the clock)."""
-    tunes.set_plan(engine, account_id, body.plan)
+    retention.set_plan(engine, account_id, body.plan)
     return {"id": account_id, "plan": body.plan}
