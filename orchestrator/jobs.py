@@ -316,7 +316,7 @@ def _record_rejection(
     price: int,
     reason: str,
 ) -> None:
-    stored = {k: v for k, v in spec.items() if k != "image_b64"}
+    stored = {k: v for k, v in spec.items() if k not in ("image_b64", "images_b64")}
 
     def work(conn: Connection) -> None:
         now = utcnow()

@@ -387,3 +387,18 @@ def test_later_prompts_over_http_and_gone_after_retention(
         assert gone.status_code == 410, gone.text
         assert client.get(f"/v1/tunes/{tune_id}", headers=auth).json()["status"] == "expired"
     assert balance(pg_engine, new.id, "tune_image").available == 2
+
+
+def test_without_a_tune_credit_the_tune_is_rejected(
+    pg_engine: Engine, storage: Storage, settings_env: None
+) -> None:
+    from billing import InsufficientCredits
+
+    acc = funded(pg_engine, tune=0, tune_image=64)
+    with pytest.raises(jobs.JobRejected) as info:
+        jobs.submit(pg_engine, storage, acc, tune_spec())
+    assert isinstance(info.value.cause, InsufficientCredits)
+    assert (info.value.cause.kind, info.value.cause.needed) == ("tune", 1)
+    rejected = row(pg_engine, info.value.job_id)
+    assert rejected.status == "rejected" and "images_b64" not in rejected.spec
+    assert balance(pg_engine, acc, "tune_image").held == 0  # nothing held
