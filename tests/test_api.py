@@ -539,3 +539,19 @@ def test_concurrent_submits_never_overdraw(
     samples = watcher.result()
     assert len(samples) > 10 and min(samples) >= 0
     assert final == {"balance": CONCURRENT_CREDITS, "held": CONCURRENT_CREDITS, "available": 0}
+
+
+def test_oversized_json_body_is_refused_with_413(settings_env: None) -> None:
+    from fastapi.testclient import TestClient
+
+    from orchestrator.api.app import create_app
+    from orchestrator.api.limits import BODY_BYTES_MAX
+
+    with TestClient(create_app()) as client:
+        r = client.post(
+            "/v1/jobs",
+            content=b"x" * (BODY_BYTES_MAX + 1),
+            headers={"Content-Type": "application/json"},
+        )
+    assert r.status_code == 413
+    assert "request body over" in r.json()["detail"]

@@ -26,6 +26,7 @@ from orchestrator.api import (
     routes_tunes,
 )
 from orchestrator.api.deps import EngineDep
+from orchestrator.api.limits import BodyLimit
 from orchestrator.api.metrics import RequestMetrics, make_registry
 from orchestrator.api.schemas import Health
 from orchestrator.images import InvalidImage, UnknownImage
@@ -130,6 +131,7 @@ def create_app() -> FastAPI:
 
     registry, requests, latency = make_registry(db.get_engine, lambda: get_settings().redis_url)
     app.add_middleware(RequestMetrics, requests=requests, latency=latency)
+    app.add_middleware(BodyLimit)
 
     @app.get(
         "/healthz",
