@@ -1,0 +1,104 @@
+"""The embedded default: `tollgate standalone` with no database or Redis configured runs a
+SQLite file and an embedded Redis, serves a job end to end, and stops everything on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from billing import ledger
+from billing.db import make_engine, run_transaction
+from orchestrator import accounts
+from orchestrator.standalone import free_port
+
+READY_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 120
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_standalone_on_sqlite_and_embedded_redis(tmp_path: Path, models_kit_dir: Path) -> None:
+    port = free_port()
+    var = tmp_path / "var"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TOLLGATE_DATABASE_URL", "TOLLGATE_REDIS_URL", "TOLLGATE_STORAGE_URL")
+    }
+    env.update(
+        {
+            "TOLLGATE_MODELS": str(models_kit_dir / "models.toml"),
+            "HF_HUB_OFFLINE": "1",
+            "TOLLGATE_DEVICE": "cpu",
+        }
+    )
+    log = tmp_path / "standalone.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator",
+                "standalone",
+                "--port",
+                str(port),
+                "--var-dir",
+                str(var),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parents[1],
+        )
+    try:
+        api = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "API at" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert (var / "tollgate.db").exists()  # the SQLite file, not a server
+        children = _children(proc.pid)
+        assert len(children) == 5  # redis, api, intake, worker, beat
+        engine = make_engine(f"sqlite:///{var / 'tollgate.db'}")
+        new = accounts.create_account(engine, "standalone", "free")
+        run_transaction(
+            engine,
+            lambda c: ledger.grant(c, new.id, "image", 5, source="promo", reference=f"s-{new.id}"),
+        )
+        auth = {"Authorization": f"Bearer {new.api_key}"}
+        spec = {"type": "txt2img", "prompt": "a boat", "width": 256, "height": 256, "steps": 2}
+        r = httpx.post(f"{api}/v1/jobs", json={"spec": spec}, headers=auth, timeout=30)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        job = r.json()
+        while job["status"] not in ("succeeded", "failed", "expired", "canceled"):
+            assert time.monotonic() < deadline, (job, log.read_text()[-3000:])
+            time.sleep(0.3)
+            job = httpx.get(f"{api}/v1/jobs/{job_id}", headers=auth, timeout=30).json()
+        assert (job["status"], job["charged"]) == ("succeeded", 1), job
+        balance = httpx.get(f"{api}/v1/balance", headers=auth, timeout=30).json()
+        assert balance["image"] == {"balance": 4, "held": 0, "available": 4}
+        engine.dispose()
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=60)
+    for child in children:
+        assert not Path(f"/proc/{child}").exists() or _zombie(child), f"{child} still running"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
