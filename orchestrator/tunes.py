@@ -201,7 +201,9 @@ def settle_training(
         )
     tune_hold = ledger.get_hold(conn, row.id)
     if tune_hold is not None and tune_hold.status == "open":
-        ledger.commit(conn, row.id, tune_hold.amount, now=now)
+        tune_hold = ledger.commit(conn, row.id, tune_hold.amount, now=now)
+    # What the ledger says was charged (a hold its sweeper expired charged nothing).
+    charged = tune_hold.committed if tune_hold is not None else 0
     account = conn.execute(select(accounts).where(accounts.c.id == row.account_id)).one()
 
     conn.execute(
@@ -212,7 +214,13 @@ def settle_training(
         )
     )
     tune = get_tune(conn, row.id)
-    common = {"charged": row.price, "refunded": 0, "attempt": 0, "lease_token": None, "error": None}
+    common = {
+        "charged": charged,
+        "refunded": row.price - charged,
+        "attempt": 0,
+        "lease_token": None,
+        "error": None,
+    }
     if _open_render_hold(conn, tune) is None:
         return transition(conn, row.id, states.AWAITING_CREDITS, now, **common)
     return _start_render(conn, row.id, now, **common)
