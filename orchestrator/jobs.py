@@ -235,15 +235,18 @@ def submit(
             )
         return row
 
-    found = run_transaction(engine, existing)
-    if found is not None:
-        return Submitted(view(found), created=False)
-    normalised, price = specs.validate(spec)
+    # The idempotency check runs inside the submit transaction (one round of commits per job,
+    # the hot path of the Redis intake); a replay never reaches the hold.
+    try:
+        normalised, price = specs.validate(spec)
+    except InvalidJobSpec:
+        run_transaction(engine, existing)  # a reused key with another body is a 409 first
+        raise
     job_id = new_job_id()
 
     def work(conn: Connection) -> Row[Any]:
         again = existing(conn)
-        if again is not None:  # a concurrent retry won the race
+        if again is not None:  # a replay, or a concurrent retry that won the race
             return again
         ledger.get_account(conn, account_id)
         spec_ = dict(normalised)
