@@ -225,15 +225,18 @@ def test_training_failure_releases_both_holds(
     tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
 ) -> None:
     acc = funded(pg_engine, tune=1, tune_image=64)
-    # The model layer trains LoRAs on SD 1.x only: an SDXL tune fails in training.
-    tune_id = submit(pg_engine, storage, redis_url, acc, tune_spec(base_model="sdxl"))
+    tune_id = str(jobs.submit(pg_engine, storage, acc, tune_spec()).job["id"])
+    # The training photos vanish from storage before a worker gets the job: training fails.
+    for key in run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id)).image_keys:
+        storage.delete(key)
+    relay(pg_engine, Publisher(redis_url), job_id=tune_id)
     done = wait_status(pg_engine, tune_id, "failed", "succeeded", "awaiting_credits")
     assert done.status == "failed"
     assert (done.charged, done.refunded) == (0, 1)
     assert balance(pg_engine, acc, "tune").available == 1
     assert balance(pg_engine, acc, "tune_image").available == 64
     tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id))
-    assert tune.image_keys == []  # photos deleted on failure too
+    assert tune.image_keys == []  # the photo list is cleared on failure too
 
 
 def _pool_children(pid: int) -> list[int]:
