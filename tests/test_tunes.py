@@ -232,6 +232,7 @@ def test_training_failure_releases_both_holds(
     relay(pg_engine, Publisher(redis_url), job_id=tune_id)
     done = wait_status(pg_engine, tune_id, "failed", "succeeded", "awaiting_credits")
     assert done.status == "failed"
+    assert done.error == "the training photos are missing from storage"
     assert (done.charged, done.refunded) == (0, 1)
     assert balance(pg_engine, acc, "tune").available == 1
     assert balance(pg_engine, acc, "tune_image").available == 64

@@ -56,7 +56,12 @@ def make_training_runner() -> Runner:
 
     def run(ctx: RunContext) -> None:
         tune = run_transaction(ctx.engine, lambda c: get_tune(c, ctx.job_id))
-        images = [open_image(ctx.storage.get(key)) for key in tune.image_keys]
+        try:
+            images = [open_image(ctx.storage.get(key)) for key in tune.image_keys]
+        except FileNotFoundError:
+            raise RuntimeError("the training photos are missing from storage") from None
+        if not images:
+            raise RuntimeError("no training photos (they are deleted when training ends)")
         steps = int(tune.training["steps"])
         config = LoraTrainConfig(
             token=tune.token,
