@@ -1,4 +1,4 @@
-"""DreamBooth-LoRA training on a registry SD 1.x base, with diffusers + peft.
+"""DreamBooth-LoRA training on a registry SD 1.x or SDXL base, with diffusers + peft.
 
 Current APIs only: ``unet.add_adapter(LoraConfig(...))``, ``get_peft_model_state_dict``
 + ``convert_state_dict_to_diffusers``, ``StableDiffusionPipeline.save_lora_weights``;
@@ -14,6 +14,15 @@ that step, writes a checkpoint and raises :class:`~models.errors.Canceled`. A ch
 (LoRA weights, optimiser and RNG state) is written every ``checkpoint_every`` steps;
 ``train(..., resume=True)`` continues from the newest one and reaches the same weights
 as an uninterrupted run (on CPU).
+
+SDXL (family ``sdxl``) trains a UNet-only LoRA the same way, conditioned like
+diffusers' ``train_dreambooth_lora_sdxl.py``: the prompt goes through both text
+encoders (penultimate hidden states concatenated; pooled projection of
+``text_encoder_2`` as ``text_embeds``) and ``time_ids`` = original size + crop
+top-left + target size, here ``(size, size, 0, 0, size, size)`` (the images are
+centre-cropped and resized to ``size``, which is also what the pipeline uses at render
+time by default). The result is written with ``StableDiffusionXLPipeline.save_lora_weights``
+in the same layout, so the sdxl :class:`~models.sd.SDModel` loads it with ``lora=``.
 """
 
 from __future__ import annotations
@@ -106,36 +115,50 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 class DreamBoothLoraTrainer:
-    """Trains a UNet LoRA for one subject on an SD 1.x diffusers folder."""
+    """Trains a UNet LoRA for one subject on an SD 1.x or SDXL diffusers folder."""
+
+    FAMILIES = ("sd15", "sdxl")
 
     def __init__(
-        self, base: str | Path, options: SDOptions | None = None, *, device: str | None = None
+        self,
+        base: str | Path,
+        options: SDOptions | None = None,
+        *,
+        device: str | None = None,
+        family: str = "sd15",
     ) -> None:
+        if family not in self.FAMILIES:
+            raise InvalidRequest(
+                f"DreamBooth-LoRA training supports {', '.join(self.FAMILIES)} bases, not {family}"
+            )
         self.base = Path(base)
         self.options = options or SDOptions()
         self.device = pick_device(device)
+        self.family = family
 
     @classmethod
     def from_entry(cls, entry: ModelEntry, *, device: str | None = None) -> DreamBoothLoraTrainer:
-        if entry.family != "sd15":
+        if entry.family not in cls.FAMILIES:
             raise InvalidRequest(
-                f"DreamBooth-LoRA training supports sd15 bases, not {entry.family}"
+                f"DreamBooth-LoRA training supports {', '.join(cls.FAMILIES)} bases,"
+                f" not {entry.family}"
             )
         assert isinstance(entry.options, SDOptions)
         entry.check_files()
-        return cls(entry.path, entry.options, device=device)
+        return cls(entry.path, entry.options, device=device, family=entry.family)
 
     # ------------------------------------------------------------------ pieces
     def _load(self) -> dict[str, Any]:
         set_offline_env()
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+        what = "SDXL diffusers folder" if self.family == "sdxl" else "SD 1.x diffusers folder"
         if not (self.base / "model_index.json").is_file():
-            raise ModelFileMissing(self.base / "model_index.json", "SD 1.x diffusers folder")
+            raise ModelFileMissing(self.base / "model_index.json", what)
         p = str(self.base)
         try:
-            return {
+            parts: dict[str, Any] = {
                 "tokenizer": CLIPTokenizer.from_pretrained(
                     p, subfolder="tokenizer", local_files_only=True
                 ),
@@ -150,8 +173,38 @@ class DreamBoothLoraTrainer:
                     p, subfolder="scheduler", local_files_only=True
                 ),
             }
+            if self.family == "sdxl":
+                parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(
+                    p, subfolder="tokenizer_2", local_files_only=True
+                )
+                parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                    p, subfolder="text_encoder_2", local_files_only=True
+                )
+            return parts
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load SD components from {self.base}: {exc}") from exc
+
+    @staticmethod
+    def _sdxl_prompt_embeds(parts: dict[str, Any], prompt: str, device: Any) -> tuple[Any, Any]:
+        """(prompt_embeds, pooled_prompt_embeds) as SDXL's ``encode_prompt`` (no clip skip)."""
+        import torch
+
+        embeds, pooled = [], None
+        for tok, te in (
+            (parts["tokenizer"], parts["text_encoder"]),
+            (parts["tokenizer_2"], parts["text_encoder_2"]),
+        ):
+            ids = tok(
+                prompt,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            enc = te(ids, output_hidden_states=True)
+            pooled = enc[0]  # the final encoder's projected pooled output is kept
+            embeds.append(enc.hidden_states[-2])
+        return torch.cat(embeds, dim=-1), pooled
 
     @staticmethod
     def _save_checkpoint(
@@ -194,7 +247,7 @@ class DreamBoothLoraTrainer:
         """Train and write ``output_dir/pytorch_lora_weights.safetensors``."""
         import torch
         import torch.nn.functional as F
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft import LoraConfig
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -215,11 +268,12 @@ class DreamBoothLoraTrainer:
         tok, te, vae, unet, sched = (
             parts[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
         )
-        for m in (te, vae, unet):
+        sdxl = self.family == "sdxl"
+        for m in (te, vae, unet, *([parts["text_encoder_2"]] if sdxl else [])):
             m.requires_grad_(False)
             m.to(device)
-        te.eval()
-        vae.eval()
+            if m is not unet:
+                m.eval()
         # peft's gaussian init draws from the global RNG: seed it privately.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -237,15 +291,26 @@ class DreamBoothLoraTrainer:
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
         pixels = prepare_images(images, size).to(device)
+        added: dict[str, Any] | None = None
         with torch.no_grad():
-            ids = tok(
-                cfg.prompt,
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            text = te(ids)[0]
+            if sdxl:
+                text, pooled = self._sdxl_prompt_embeds(parts, cfg.prompt, device)
+                time_ids = torch.tensor(
+                    [[size, size, 0, 0, size, size]], dtype=text.dtype, device=device
+                )
+                added = {
+                    "text_embeds": pooled.expand(cfg.batch_size, -1),
+                    "time_ids": time_ids.expand(cfg.batch_size, -1),
+                }
+            else:
+                ids = tok(
+                    cfg.prompt,
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(device)
+                text = te(ids)[0]
             dist = vae.encode(pixels).latent_dist
             mean, std = dist.mean, dist.std
         scaling = vae.config.scaling_factor
@@ -275,7 +340,12 @@ class DreamBoothLoraTrainer:
                 target = sched.get_velocity(latents, noise, t)
             else:
                 target = noise
-            pred = unet(noisy, t, encoder_hidden_states=text.expand(cfg.batch_size, -1, -1)).sample
+            pred = unet(
+                noisy,
+                t,
+                encoder_hidden_states=text.expand(cfg.batch_size, -1, -1),
+                added_cond_kwargs=added,
+            ).sample
             loss = F.mse_loss(pred.float(), target.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -295,7 +365,8 @@ class DreamBoothLoraTrainer:
 
         unet.eval()
         lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(
+        pipe_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        pipe_cls.save_lora_weights(
             save_directory=str(out),
             unet_lora_layers=lora_layers,
             safe_serialization=True,

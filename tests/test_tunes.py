@@ -406,3 +406,16 @@ def test_without_a_tune_credit_the_tune_is_rejected(
     rejected = row(pg_engine, info.value.job_id)
     assert rejected.status == "rejected" and "images_b64" not in rejected.spec
     assert balance(pg_engine, acc, "tune_image").held == 0  # nothing held
+
+
+def test_an_sdxl_tune_trains_and_renders(
+    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    acc = funded(pg_engine, tune=1, tune_image=64)
+    tune_id = submit(pg_engine, storage, redis_url, acc, tune_spec(base_model="sdxl"))
+    done = wait_status(pg_engine, tune_id, "succeeded", "failed")
+    assert done.status == "succeeded", done.error
+    assert sum(1 for o in done.outputs if o["delivered"]) == 64
+    tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id))
+    assert tune.base_model == "sdxl" and storage.exists(tune.lora_key)
+    assert balance(pg_engine, acc, "tune_image").balance == 0

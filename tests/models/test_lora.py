@@ -74,6 +74,6 @@ def test_train_cancel_resume_and_render(models_manager, tmp_path: Path) -> None:
     assert models_manager.load_count("sd15") == 1  # LoRA loads into the warm pipeline
 
 
-def test_sdxl_training_is_rejected(models_manager, tmp_path: Path) -> None:
-    with pytest.raises(InvalidRequest, match="sd15"):
-        models_manager.train_lora("sdxl", _images(), tmp_path, CFG)
+def test_a_non_diffusion_base_is_rejected(models_manager, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="sd15, sdxl"):
+        models_manager.train_lora("realesrgan-x4plus", _images(), tmp_path, CFG)
