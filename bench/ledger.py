@@ -12,6 +12,10 @@ The ceiling is measured in the same run on the same database: a raw psycopg tran
 `BEGIN; UPDATE <one row>; INSERT <one row>; COMMIT`, each client on its own row. The ratio
 pairs/s / raw tx/s is reported per level; the target is >= 0.5 at 16 clients.
 
+When `pgbench` is on PATH, the highest level is measured once more with pgbench (a C client,
+no Python) running the same two ledger functions and the same raw transaction: what the SQL
+alone allows, i.e. the best ratio any client code could reach on this database and machine.
+
 Without --database-url (or TOLLGATE_BENCH_PG_URL) the bench creates a throwaway database
 `tollgate_bench_<random>` next to postgresql+psycopg://postgres@127.0.0.1:5432/test, migrates
 it to head and drops it at the end. With a URL given, the database must already be migrated;
@@ -23,12 +27,17 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import re
 import secrets
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -89,7 +98,7 @@ def libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-RAW_TABLES = ("bench_raw_counter", "bench_raw_log")
+RAW_TABLES = ("bench_raw_counter", "bench_raw_log", "bench_raw_accounts")
 
 
 def create_raw_tables(url: str, clients: int) -> None:
@@ -220,6 +229,57 @@ def run_clients(
     return sum(done / elapsed for done, elapsed in outcomes)
 
 
+# --- the SQL alone (pgbench) -------------------------------------------------------------
+
+PGBENCH_PAIR = f"""\\set r random(1, 1000000000000)
+BEGIN;
+SELECT r_error FROM tollgate_ledger_hold(
+    (SELECT a FROM bench_raw_accounts WHERE c = :client_id), 'image', {HOLD_AMOUNT},
+    'pgb-:client_id-:r', 600, (now() AT TIME ZONE 'utc')::timestamp);
+COMMIT;
+BEGIN;
+SELECT r_error FROM tollgate_ledger_resolve(
+    'pgb-:client_id-:r', 'committed', {COMMIT_AMOUNT}, (now() AT TIME ZONE 'utc')::timestamp);
+COMMIT;
+"""
+PGBENCH_RAW = """BEGIN;
+UPDATE bench_raw_counter SET n = n + 1 WHERE id = :client_id;
+INSERT INTO bench_raw_log (counter_id, delta, created_at)
+    VALUES (:client_id, 1, now() AT TIME ZONE 'utc');
+COMMIT;
+"""
+
+
+def pgbench_level(url: str, accounts: list[str], clients: int, seconds: float) -> Level | None:
+    """pairs/s and raw tx/s with pgbench as the client; None without pgbench."""
+    exe = shutil.which("pgbench")
+    if exe is None:
+        return None
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_raw_accounts (c int PRIMARY KEY, a text)")
+        conn.execute("TRUNCATE bench_raw_accounts")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO bench_raw_accounts (c, a) VALUES (%s, %s)",
+                list(enumerate(accounts[:clients])),
+            )
+    rates = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, script in (("pair", PGBENCH_PAIR), ("raw", PGBENCH_RAW)):
+            path = Path(tmp) / f"{name}.sql"
+            path.write_text(script)
+            out = subprocess.run(
+                [exe, "-n", "-M", "simple", "-c", str(clients), "-j", str(min(clients, 4)),
+                 "-T", str(max(1, round(seconds))), "-f", str(path), libpq_url(url)],
+                capture_output=True, text=True, timeout=seconds + 120, check=False,
+            )  # fmt: skip
+            found = re.search(r"tps = ([0-9.]+)", out.stdout)
+            if out.returncode != 0 or found is None:
+                raise RuntimeError(f"pgbench {name} failed: {out.stderr[-500:]}")
+            rates.append(float(found.group(1)))
+    return Level(clients, rates[0], rates[1])
+
+
 # --- statement counts -------------------------------------------------------------------
 
 
@@ -332,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
             print_table(levels, shared)
             if args.shared:
                 print(f"(shared: all {top} clients on one account / one raw row)")
+            floor = pgbench_level(url, accounts, top, args.seconds)
+            if floor is not None:
+                print(
+                    f"the SQL alone (pgbench, a C client, {top} clients): "
+                    f"pairs/s {floor.pairs_per_s:.1f}, raw tx/s {floor.raw_tx_per_s:.1f}, "
+                    f"ratio {floor.ratio:.2f}"
+                )
             engine = make_engine(url, pool_size=1)
             problems = run_transaction(engine, verify)
             engine.dispose()

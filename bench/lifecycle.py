@@ -6,6 +6,10 @@
    first XADD to the last job settled. Target: path / baseline >= 0.7.
 3. Latency of POST /v1/jobs (p50/p99) at a fixed request rate against `tollgate api`.
 
+For 1 and 2 it also prints the CPU milliseconds per job each process group used (PostgreSQL,
+Redis, the Celery worker, the intake, this client), from /proc: on a small machine where all
+of them share the cores, that is where the ratio comes from.
+
 Same worker (2 prefork processes), same Redis, same PostgreSQL database in every part.
 Usage: python bench/lifecycle.py [--jobs 200] [--rate 20] [--seconds 5]
 """
@@ -30,6 +34,7 @@ from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import cpu  # noqa: E402
 from bench.ledger import bench_database  # noqa: E402
 from billing import ledger  # noqa: E402
 from billing.db import make_engine, run_transaction  # noqa: E402
@@ -60,19 +65,23 @@ def wait_log(log: Path, marker: bytes) -> None:
         time.sleep(0.1)
 
 
-def baseline(redis_url: str, n: int) -> float:
+def baseline(redis_url: str, n: int) -> tuple[float, dict[str, float]]:
+    """Raw Celery no-op round trips per second, and CPU ms per round trip by process group."""
     from celery import Celery
 
     app = Celery("bench", broker=redis_url, backend=redis_url)
     app.send_task("bench.noop").get(timeout=30)  # warm up
+    before = cpu.snapshot()
     start = time.perf_counter()
     results = [app.send_task("bench.noop", queue="celery") for _ in range(n)]
     for r in results:
         r.get(timeout=RUN_TIMEOUT_S)
-    return n / (time.perf_counter() - start)
+    rate = n / (time.perf_counter() - start)
+    return rate, cpu.per_job_ms(before, cpu.snapshot(), n)
 
 
-def whole_path(engine: Any, redis_url: str, account: str, n: int) -> float:
+def whole_path(engine: Any, redis_url: str, account: str, n: int) -> tuple[float, dict[str, float]]:
+    """Jobs per second from the first XADD to the last job settled, and CPU ms per job."""
     client = redis.Redis.from_url(redis_url)
     messages = [
         json.dumps(
@@ -84,6 +93,7 @@ def whole_path(engine: Any, redis_url: str, account: str, n: int) -> float:
         )
         for i in range(n)
     ]
+    before = cpu.snapshot()
     start = time.perf_counter()
     pipe = client.pipeline(transaction=False)
     for m in messages:
@@ -100,7 +110,8 @@ def whole_path(engine: Any, redis_url: str, account: str, n: int) -> float:
             ).scalar_one(),
         )
         if done >= n:
-            return n / (time.perf_counter() - start)
+            rate = n / (time.perf_counter() - start)
+            return rate, cpu.per_job_ms(before, cpu.snapshot(), n)
         time.sleep(0.02)
     raise RuntimeError("jobs did not finish in time")
 
@@ -201,8 +212,8 @@ def main() -> None:
         try:
             wait_log(logs / "api.log", b"Uvicorn running")
             time.sleep(2)
-            raw = baseline(redis_url, n)
-            path = whole_path(engine, redis_url, new.id, n)
+            raw, raw_cpu = baseline(redis_url, n)
+            path, path_cpu = whole_path(engine, redis_url, new.id, n)
             lat = api_latency(
                 f"http://127.0.0.1:{api_port}", new.api_key, args.rate, min(args.seconds, 30)
             )
@@ -218,6 +229,9 @@ def main() -> None:
     print(f"{'whole path jobs /s (queue -> commit)':<44}{path:>12.1f}")
     ratio = path / raw
     print(f"{'ratio (target >= 0.7)':<44}{ratio:>12.2f}  {'MET' if ratio >= 0.7 else 'NOT MET'}")
+    print(f"CPU per raw round trip: {cpu.describe(raw_cpu)}")
+    print(f"CPU per whole-path job: {cpu.describe(path_cpu)}")
+    print(f"(the machine has {os.cpu_count()} cores; every process above shares them)")
     if lat:
         q = statistics.quantiles(lat, n=100)
         print(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from billing.db import make_engine
 from orchestrator.settings import get_settings
@@ -33,3 +33,16 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
     command.upgrade(alembic_config(url or get_settings().database_url), revision)
+
+
+def commit_without_flush_wait(conn: Connection) -> None:
+    """Let this transaction's COMMIT return before its WAL reaches disk (PostgreSQL's
+    `synchronous_commit = off`, for this transaction only). A server crash may then lose the
+    last ~0.6 s of such commits, but never reorders them: a later synchronous commit flushes
+    every earlier one with it, so nothing that depends on them can survive without them.
+
+    Only for writes that are safe to lose: a lease taken (the job is redelivered or reaped),
+    throttled progress, an outbox row marked published (it is sent again). Never for a
+    transaction that moves money or ends a job. A no-op on SQLite."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")

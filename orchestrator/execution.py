@@ -4,11 +4,17 @@ Protocol (each step its own transaction, under the job's row lock):
 1. `begin`: a delivery takes the job: a new attempt number and lease token. A job that has
    already ended is left alone (duplicate delivery: no-op). A job that is `running` is taken
    over (its previous worker died, or is a duplicate that will notice it lost the lease).
-2. The runner reports progress per step and delivers outputs one by one (`RunContext`). Each
-   call checks the lease and the cancel flag; a superseded or canceled run stops at its next
-   step.
-3. `finish`: settle once. Only the current attempt, on a job that has not ended, is applied;
-   anything else is recorded in job_results as late and charges nothing.
+2. The runner reports progress per step (`RunContext.progress`): every call checks the lease
+   and the cancel flag, so a superseded or canceled run stops at its next step. Outputs are
+   stored as they are delivered and recorded on the job with the next throttled progress
+   write, or at the latest by `finish`.
+3. `finish`: record what is still unrecorded and settle once. Only the current attempt, on a
+   job that has not ended, is applied; anything else is recorded in job_results as late and
+   charges nothing.
+
+A plain job therefore costs two durable transactions on the worker (`begin` does not wait
+for its WAL flush: losing it loses only a lease, see `commit_without_flush_wait`), plus one
+read per step and a progress write at most every PROGRESS_WRITE_INTERVAL_S.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from sqlalchemy.engine import Row
 from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator import states
+from orchestrator.db import commit_without_flush_wait
 from orchestrator.errors import OrchestratorError
 from orchestrator.jobs import lock_job, settle, transition
 from orchestrator.storage import Storage
@@ -73,6 +80,9 @@ class Attempt:
     token: str
     spec: dict[str, Any]
     account_id: str
+    # The storage key of the spec's `image_id`, looked up when the job was taken (None when
+    # the spec has no image or the image is not the account's).
+    input_key: str | None = None
 
 
 @dataclass
@@ -84,7 +94,13 @@ class RunContext:
     attempt: Attempt
     on_progress: Callable[[int, int], None] | None = None
     delivered: int = 0
-    _last_write: float = field(default=0.0)
+    # Outputs stored but not yet recorded on the job row (recorded by the next progress
+    # write or by finish), and the last progress reported.
+    unrecorded: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    total: int = 0
+    # `begin` wrote progress 0 just now: the first write is due an interval later.
+    _last_write: float = field(default_factory=time.monotonic)
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -95,12 +111,11 @@ class RunContext:
         return self.attempt.job_id
 
     def input_bytes(self) -> bytes:
-        from orchestrator.images import image_key
+        from orchestrator.images import UnknownImage
 
-        key = run_transaction(
-            self.engine, lambda c: image_key(c, self.attempt.account_id, self.spec["image_id"])
-        )
-        return self.storage.get(key)
+        if self.attempt.input_key is None:
+            raise UnknownImage(f"image_id: no image {self.spec.get('image_id')!r}")
+        return self.storage.get(self.attempt.input_key)
 
     def check_lease(self, conn: Connection) -> None:
         """Raise JobStopped unless this attempt still owns a live, uncanceled job."""
@@ -115,30 +130,39 @@ class RunContext:
             raise JobStopped("canceled")
 
     def progress(self, step: int, total: int) -> None:
-        """Call once per step. Raises JobStopped when the run must stop."""
+        """Call once per step. Raises JobStopped when the run must stop. Progress (and the
+        outputs delivered since the last write) is written at most once per interval; the
+        final figures are written by `finish`."""
+        self.step, self.total = step, total
         now = time.monotonic()
-        write = step >= total or now - self._last_write >= PROGRESS_WRITE_INTERVAL_S
+        write = now - self._last_write >= PROGRESS_WRITE_INTERVAL_S
+        pending = list(self.unrecorded) if write else []
 
         def work(conn: Connection) -> None:
+            if not write:
+                self.check_lease(conn)
+                return
+            row = lock_job(conn, self.job_id)
             self.check_lease(conn)
-            if write:
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == self.job_id, jobs.c.lease_token == self.attempt.token)
-                    .values(progress_step=step, progress_total=total)
-                )
+            values: dict[str, Any] = {"progress_step": step, "progress_total": total}
+            if pending:
+                values["outputs"] = _merged(row.outputs, pending)
+            conn.execute(update(jobs).where(jobs.c.id == self.job_id).values(**values))
+            commit_without_flush_wait(conn)  # progress is redone if lost; nothing is charged
 
         run_transaction(self.engine, work)
         if write:
             self._last_write = now
+            del self.unrecorded[: len(pending)]
             if self.on_progress is not None:
                 self.on_progress(step, total)
 
     def deliver(self, index: int, png: bytes, meta: dict[str, Any] | None = None) -> None:
-        """Store one output and record it as delivered (charged when the job settles)."""
+        """Store one output; it is recorded as delivered (and charged when the job settles)
+        with the next progress write or by finish."""
         key = f"outputs/{self.job_id}/a{self.attempt.number}_{index}.png"
         self.storage.put(key, png)
-        self._record(
+        self.unrecorded.append(
             {
                 "index": index,
                 "key": key,
@@ -151,19 +175,14 @@ class RunContext:
 
     def not_delivered(self, index: int, reason: str) -> None:
         """An output that could not be delivered (not charged), with the reason."""
-        self._record({"index": index, "delivered": False, "reason": reason})
+        self.unrecorded.append({"index": index, "delivered": False, "reason": reason})
 
-    def _record(self, output: dict[str, Any]) -> None:
-        def work(conn: Connection) -> None:
-            lock_job(conn, self.job_id)
-            self.check_lease(conn)
-            current = conn.execute(select(jobs.c.outputs).where(jobs.c.id == self.job_id))
-            outputs = [o for o in current.scalar_one() if o["index"] != output["index"]]
-            conn.execute(
-                update(jobs).where(jobs.c.id == self.job_id).values(outputs=[*outputs, output])
-            )
 
-        run_transaction(self.engine, work)
+def _merged(current: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job's outputs with `new` recorded (a later record for an index replaces one)."""
+    by_index = {o["index"]: o for o in current}
+    by_index.update((o["index"], o) for o in new)
+    return list(by_index.values())
 
 
 def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) -> Attempt | None:
@@ -192,11 +211,13 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
             )
             return None
         token = secrets.token_hex(16)
+        input_key = _input_key(conn, row.account_id, row.spec)
         transition(
             conn,
             job_id,
             phase.running_status,
             now,
+            current=row.status,
             attempt=row.attempt + 1,
             lease_token=token,
             worker=worker[:200],
@@ -204,9 +225,23 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
             outputs=[],
             progress_step=0,
         )
-        return Attempt(job_id, row.attempt + 1, token, dict(row.spec), row.account_id)
+        # Only a lease is at stake: if a crash loses it, the job is redelivered or reaped.
+        commit_without_flush_wait(conn)
+        return Attempt(job_id, row.attempt + 1, token, dict(row.spec), row.account_id, input_key)
 
     return run_transaction(engine, work)
+
+
+def _input_key(conn: Connection, account_id: str, spec: dict[str, Any]) -> str | None:
+    from orchestrator.images import image_key
+
+    image_id = spec.get("image_id")
+    if not isinstance(image_id, str):
+        return None
+    try:
+        return image_key(conn, account_id, image_id)
+    except OrchestratorError:
+        return None
 
 
 def finish(
@@ -215,15 +250,27 @@ def finish(
     outcome: str,
     error: str | None = None,
     phase: Phase = JOB_PHASE,
+    ctx: RunContext | None = None,
 ) -> str:
-    """Apply an attempt's result once. Returns the job's status afterwards."""
+    """Apply an attempt's result once: record the outputs and final progress `ctx` has not
+    written yet, then settle. Returns the job's status afterwards."""
     assert outcome in (states.SUCCEEDED, states.FAILED, states.CANCELED), outcome
 
     def work(conn: Connection) -> str:
         row = lock_job(conn, attempt.job_id)
-        delivered = [o for o in row.outputs if o.get("delivered")]
         now = utcnow()
         current = row.lease_token == attempt.token and row.status == phase.running_status
+        if current and ctx is not None:
+            values: dict[str, Any] = {}
+            if ctx.unrecorded:
+                values["outputs"] = _merged(row.outputs, ctx.unrecorded)
+            if ctx.total:
+                values["progress_step"], values["progress_total"] = ctx.step, ctx.total
+            if values:
+                row = conn.execute(
+                    update(jobs).where(jobs.c.id == row.id).values(**values).returning(*jobs.c)
+                ).one()
+        delivered = [o for o in row.outputs if o.get("delivered")]
         conn.execute(
             insert(job_results).values(
                 job_id=row.id,
@@ -280,15 +327,18 @@ def execute(
         runner(ctx)
     except JobStopped as stop:
         if stop.reason == "superseded":
-            status = finish(engine, attempt, states.FAILED, "superseded by a newer attempt", phase)
+            status = finish(
+                engine, attempt, states.FAILED, "superseded by a newer attempt", phase, ctx
+            )
         else:
-            status = finish(engine, attempt, states.CANCELED, "canceled by the client", phase)
+            status = finish(engine, attempt, states.CANCELED, "canceled by the client", phase, ctx)
         return {"job_id": job_id, "status": status}
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        status = finish(engine, attempt, states.FAILED, _reason(exc), phase)
+        status = finish(engine, attempt, states.FAILED, _reason(exc), phase, ctx)
         return {"job_id": job_id, "status": status}
-    return {"job_id": job_id, "status": finish(engine, attempt, states.SUCCEEDED, None, phase)}
+    status = finish(engine, attempt, states.SUCCEEDED, None, phase, ctx)
+    return {"job_id": job_id, "status": status}
 
 
 def _reason(exc: BaseException) -> str:

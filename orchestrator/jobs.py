@@ -122,22 +122,33 @@ def lock_job(conn: Connection, job_id: str) -> Row[Any]:
 
 
 def transition(
-    conn: Connection, job_id: str, new_status: str, now: datetime, **values: Any
+    conn: Connection,
+    job_id: str,
+    new_status: str,
+    now: datetime,
+    *,
+    current: str | None = None,
+    **values: Any,
 ) -> Row[Any]:
     """Move a locked job to `new_status`, announcing it through the outbox (event, and the
-    client's callback when the new state is terminal)."""
-    current = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one()
+    client's callback when the new state is terminal). `current` is the status the caller
+    read under the lock, when it has it (saves a read)."""
+    if current is None:
+        current = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one()
     if current != new_status and not states.can_transition(current, new_status):
         raise OrchestratorError(f"job {job_id}: {current} -> {new_status} is not allowed")
     if states.is_terminal(new_status):
         values.setdefault("finished_at", now)
-    conn.execute(
-        update(jobs).where(jobs.c.id == job_id).values(status=new_status, updated_at=now, **values)
-    )
-    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
-    outbox.add(conn, "event", job_id, event_payload(row))
+    row = conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id)
+        .values(status=new_status, updated_at=now, **values)
+        .returning(*jobs.c)
+    ).one()
+    messages = [("event", event_payload(row))]
     if states.is_terminal(new_status) and row.callback_url:
-        outbox.add(conn, "callback", job_id, {"url": row.callback_url, "job": view(row)})
+        messages.append(("callback", {"url": row.callback_url, "job": view(row)}))
+    outbox.add_many(conn, job_id, messages)
     return row
 
 
@@ -161,7 +172,14 @@ def settle(
         )
     charged = hold.committed if hold is not None else 0
     return transition(
-        conn, row.id, status, now, charged=charged, refunded=row.price - charged, error=error
+        conn,
+        row.id,
+        status,
+        now,
+        current=row.status,
+        charged=charged,
+        refunded=row.price - charged,
+        error=error,
     )
 
 
@@ -174,9 +192,10 @@ def _insert_job(
     source: str,
     now: datetime,
     **values: Any,
-) -> None:
-    conn.execute(
-        insert(jobs).values(
+) -> Row[Any]:
+    return conn.execute(
+        insert(jobs)
+        .values(
             id=job_id,
             account_id=account_id,
             type=str(spec.get("type", "unknown"))[:20],
@@ -189,7 +208,8 @@ def _insert_job(
             attempt=0,
             **values,
         )
-    )
+        .returning(*jobs.c)
+    ).one()
 
 
 def _resolve_image_input(
@@ -257,7 +277,7 @@ def submit(
         elif spec_["type"] != "tune":
             _resolve_image_input(conn, storage, account_id, spec_)
         now = utcnow()
-        _insert_job(
+        row = _insert_job(
             conn,
             job_id,
             account_id,
@@ -287,9 +307,14 @@ def submit(
             from orchestrator.tunes import on_submit
 
             on_submit(conn, storage, job_id, account_id, spec_, now)
-        outbox.add(conn, "dispatch", job_id, {"job_id": job_id, "type": spec_["type"]})
-        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
-        outbox.add(conn, "event", job_id, event_payload(row))
+        outbox.add_many(
+            conn,
+            job_id,
+            [
+                ("dispatch", {"job_id": job_id, "type": spec_["type"]}),
+                ("event", event_payload(row)),
+            ],
+        )
         return row
 
     try:
@@ -323,7 +348,7 @@ def _record_rejection(
 
     def work(conn: Connection) -> None:
         now = utcnow()
-        _insert_job(
+        row = _insert_job(
             conn,
             job_id,
             account_id,

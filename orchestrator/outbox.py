@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from billing.clock import utcnow
 from billing.db import run_transaction
+from orchestrator.db import commit_without_flush_wait
 from orchestrator.tables import jobs, outbox
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,19 @@ def add(conn: Connection, topic: str, job_id: str | None, payload: dict[str, Any
     assert topic in TOPICS, topic
     conn.execute(
         insert(outbox).values(topic=topic, job_id=job_id, payload=payload, created_at=utcnow())
+    )
+
+
+def add_many(conn: Connection, job_id: str | None, messages: list[tuple[str, Any]]) -> None:
+    """Several messages for one job in one statement, in order."""
+    assert all(topic in TOPICS for topic, _ in messages), messages
+    now = utcnow()
+    conn.execute(
+        insert(outbox),
+        [
+            {"topic": topic, "job_id": job_id, "payload": payload, "created_at": now}
+            for topic, payload in messages
+        ],
     )
 
 
@@ -50,16 +64,23 @@ def relay(
         if min_age_s:
             stmt = stmt.where(outbox.c.created_at <= utcnow() - timedelta(seconds=min_age_s))
         rows = conn.execute(stmt.limit(limit).with_for_update(skip_locked=True)).all()
+        if not rows:
+            return 0
+        # Losing these marks to a crash only means publishing the messages again.
+        commit_without_flush_wait(conn)
         now = utcnow()
         for row in rows:
             publish(row.topic, row.payload)
-            conn.execute(update(outbox).where(outbox.c.id == row.id).values(published_at=now))
-            if row.topic == "dispatch":
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == row.job_id, jobs.c.status == "queued")
-                    .values(status="dispatched", updated_at=now)
-                )
+        conn.execute(
+            update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=now)
+        )
+        dispatched = sorted({r.job_id for r in rows if r.topic == "dispatch"})
+        if dispatched:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(dispatched), jobs.c.status == "queued")
+                .values(status="dispatched", updated_at=now)
+            )
         return len(rows)
 
     return run_transaction(engine, work)

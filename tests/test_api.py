@@ -316,7 +316,7 @@ def test_outputs_are_served_when_delivered(
     png = image_bytes()
     ctx.deliver(0, png, {"seed": 7})
     ctx.not_delivered(1, "nsfw filter")
-    assert execution.finish(pg_engine, attempt, states.SUCCEEDED) == states.SUCCEEDED
+    assert execution.finish(pg_engine, attempt, states.SUCCEEDED, ctx=ctx) == states.SUCCEEDED
     job = client.get(f"/v1/jobs/{job_id}", headers=user[1]).json()
     assert job["outputs"] == [
         {"index": 0, "url": f"/v1/jobs/{job_id}/outputs/0", "seed": 7, "meta": {"seed": 7}}

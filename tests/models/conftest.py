@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
 @pytest.fixture(scope="session")
 def models_registry_path(models_kit_dir: Path) -> Path:
     return models_kit_dir / "models.toml"
