@@ -221,7 +221,11 @@ def main() -> None:
             for p in procs:
                 p.terminate()
             for p in procs:
-                p.wait(timeout=30)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # a worker stuck in warm shutdown
+                    p.kill()
+                    p.wait(timeout=30)
             engine.dispose()
     print(f"jobs per measurement: {n}; worker: 2 prefork processes; logs in {logs}")
     print(f"{'measure':<44}{'value':>12}")
