@@ -24,7 +24,6 @@ handled; the dead-letter stream is capped at `DEAD_MAXLEN` entries (approximatel
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -40,13 +39,19 @@ import redis
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from billing import InsufficientCredits, InvalidJobSpec, UnknownAccount
+from billing import InvalidJobSpec, UnknownAccount
 from orchestrator import jobs
 from orchestrator.events import EVENTS_MAXLEN, EVENTS_STREAM
 from orchestrator.images import InvalidImage, UnknownImage
+from orchestrator.messages import (
+    JobRequest,
+    MalformedMessage,
+    best_effort_ids,
+    parse_job,
+    refusal,
+)
 from orchestrator.outbox import Publisher, relay_quietly
 from orchestrator.storage import Storage
-from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +59,6 @@ JOBS_STREAM: Final = "tollgate:jobs"
 DEAD_STREAM: Final = "tollgate:jobs:dead"
 GROUP: Final = "tollgate-intake"
 DEAD_MAXLEN: Final = 100_000
-# Base64 of a 20 MiB input image plus the rest of the request.
-JOB_TEXT_MAX_BYTES: Final = 32 * 1024 * 1024
-ACCOUNT_ID_MAX_LEN: Final = 64
-DERIVED_KEY_PREFIX: Final = "msg:"
-MESSAGE_FIELDS: Final = frozenset({"account_id", "idempotency_key", "spec", "callback_url"})
 
 BATCH_SIZE_MAX: Final = 100
 BLOCK_MS_MAX: Final = 10_000
@@ -77,121 +77,6 @@ PERMANENT_ERRORS: Final = (
 # Outages: logged without a traceback. Any other error is retried too (and bounded by
 # `max_deliveries`), with a traceback.
 TRANSIENT_ERRORS: Final = (OperationalError, InterfaceError, redis.RedisError, OSError)
-
-
-# --- parsing (pure) ---------------------------------------------------------------------
-
-
-class MalformedMessage(Exception):
-    """A message that is not a job request; the text is the dead-letter reason."""
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    account_id: str
-    idempotency_key: str
-    spec: dict[str, Any]
-    callback_url: str | None
-    key_derived: bool  # True: the key is `msg:<message id>`, the client gave none
-
-
-def derived_key(message_id: str) -> str:
-    return f"{DERIVED_KEY_PREFIX}{message_id}"
-
-
-def _decode_job_text(fields: Mapping[str, Any]) -> dict[str, Any]:
-    raw = fields.get("job")
-    if raw is None:
-        raise MalformedMessage("missing field 'job'")
-    if not isinstance(raw, str):
-        raise MalformedMessage("field 'job' must be text")
-    if len(raw.encode()) > JOB_TEXT_MAX_BYTES:
-        raise MalformedMessage(f"job: larger than {JOB_TEXT_MAX_BYTES} bytes")
-    try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise MalformedMessage(f"job: not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise MalformedMessage("job: must be a JSON object")
-    return body
-
-
-def _optional_str(body: Mapping[str, Any], name: str, max_len: int) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= max_len:
-        raise MalformedMessage(f"{name}: must be a string of 1..{max_len} characters")
-    return value
-
-
-def parse_job(fields: Mapping[str, Any], message_id: str) -> JobRequest:
-    """Check a stream message's shape (not the spec itself: submit validates that).
-    Raises MalformedMessage naming the problem."""
-    body = _decode_job_text(fields)
-    unknown = sorted(set(body) - MESSAGE_FIELDS)
-    if unknown:
-        raise MalformedMessage(f"unknown field(s): {', '.join(unknown)}")
-    account_id = _optional_str(body, "account_id", ACCOUNT_ID_MAX_LEN)
-    if account_id is None:
-        raise MalformedMessage("account_id: missing")
-    spec = body.get("spec")
-    if spec is None:
-        raise MalformedMessage("spec: missing")
-    if not isinstance(spec, dict):
-        raise MalformedMessage("spec: must be a JSON object")
-    key = _optional_str(body, "idempotency_key", IDEMPOTENCY_KEY_MAX_LEN)
-    callback_url = body.get("callback_url")
-    if callback_url is not None and not isinstance(callback_url, str):
-        raise MalformedMessage("callback_url: must be a string")
-    return JobRequest(
-        account_id=account_id,
-        idempotency_key=key if key is not None else derived_key(message_id),
-        spec=spec,
-        callback_url=callback_url,
-        key_derived=key is None,
-    )
-
-
-def best_effort_ids(fields: Mapping[str, Any]) -> dict[str, str]:
-    """account_id and idempotency_key of a message that may be malformed (for dead letters,
-    so a client can find its own)."""
-    try:
-        body = json.loads(fields.get("job") or "")
-    except (TypeError, ValueError):
-        return {}
-    if not isinstance(body, dict):
-        return {}
-    return {
-        k: body[k]
-        for k in ("account_id", "idempotency_key")
-        if isinstance(body.get(k), str) and len(body[k]) <= IDEMPOTENCY_KEY_MAX_LEN
-    }
-
-
-def refusal(exc: Exception) -> dict[str, str]:
-    """Dead-letter fields for a permanent refusal: `reason` and `kind`, plus details."""
-    if isinstance(exc, MalformedMessage):
-        return {"kind": "malformed", "reason": f"malformed message: {exc}"}
-    if isinstance(exc, jobs.JobRejected) and isinstance(exc.cause, InsufficientCredits):
-        cause = exc.cause
-        return {
-            "kind": "insufficient_credits",
-            "reason": str(cause),
-            "job_id": exc.job_id,
-            "credit_kind": cause.kind,
-            "needed": str(cause.needed),
-            "available": str(cause.available),
-        }
-    if isinstance(exc, InvalidJobSpec | InvalidImage):
-        return {"kind": "invalid_spec", "reason": f"invalid {exc}", "field": exc.field}
-    if isinstance(exc, UnknownAccount):
-        return {"kind": "unknown_account", "reason": str(exc)}
-    if isinstance(exc, jobs.IdempotencyConflict):
-        return {"kind": "idempotency_conflict", "reason": str(exc)}
-    if isinstance(exc, UnknownImage):
-        return {"kind": "unknown_image", "reason": f"unknown image {exc}"}
-    return {"kind": type(exc).__name__, "reason": str(exc)}
 
 
 # --- the consumer -----------------------------------------------------------------------

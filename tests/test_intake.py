@@ -24,13 +24,8 @@ from orchestrator import jobs, states
 from orchestrator.client import DeadLettered, TollgateClient
 from orchestrator.dispatch import Publisher
 from orchestrator.events import EVENTS_STREAM
-from orchestrator.intake import (
-    Consumer,
-    IntakeConfig,
-    MalformedMessage,
-    derived_key,
-    parse_job,
-)
+from orchestrator.intake import Consumer, IntakeConfig
+from orchestrator.messages import MalformedMessage, derived_key, parse_job
 from orchestrator.outbox import relay_quietly
 from orchestrator.storage import Storage
 from tests.intake_helpers import (
