@@ -364,7 +364,6 @@ def _record_rejection(
             deadline_at=now,
             finished_at=now,
         )
-        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         outbox.add(conn, "event", job_id, event_payload(row))
 
     run_transaction(engine, work)

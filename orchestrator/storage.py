@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from functools import lru_cache
 
 import fsspec
@@ -16,7 +18,8 @@ class Storage:
         fs, root = url_to_fs(root_url)
         self.fs: fsspec.AbstractFileSystem = fs
         self.root = root.rstrip("/")
-        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+        self.local = "file" in self.fs.protocol
+        if self.local:
             self.fs.makedirs(self.root, exist_ok=True)
 
     def _full(self, key: str) -> str:
@@ -25,9 +28,16 @@ class Storage:
         return f"{self.root}/{key}"
 
     def put(self, key: str, data: bytes) -> str:
+        """Write `data` under `key`, durably: once put returns, a charge that depends on the
+        file can be committed. Object stores (S3) are durable when the PUT answers; a local
+        disk needs the file and its directory entry flushed, and a rename makes the file
+        appear whole or not at all."""
         path = self._full(key)
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
+        if self.local:
+            _write_durably(path, data)
+            return key
         with self.fs.open(path, "wb") as f:
             f.write(data)
         return key
@@ -47,6 +57,27 @@ class Storage:
     def local_path(self, key: str) -> str | None:
         """A filesystem path for local storage (for `make demo` output), else None."""
         return self._full(key) if "file" in self.fs.protocol else None
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    parent = os.path.dirname(path)
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 @lru_cache(maxsize=4)
