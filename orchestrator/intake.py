@@ -113,9 +113,16 @@ class IntakeConfig:
 
 
 class Outcome(Enum):
-    ACCEPTED = "accepted"
     DEAD = "dead"
     RETRY = "retry"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A message submitted as a job, not yet announced or acknowledged."""
+
+    request: JobRequest
+    job: dict[str, Any]
 
 
 @dataclass
@@ -249,19 +256,32 @@ class Consumer:
     # -- handling --
 
     def _handle_all(self, messages: Iterable[Message], *, check_deliveries: bool) -> int:
+        """Submit each message in its own transaction; then, once for the batch, announce and
+        acknowledge the accepted ones (one MULTI) and publish their outbox rows (one relay)."""
         handled = 0
-        for message_id, fields in messages:
-            if self.stopping:
-                break  # graceful stop: the rest stay pending, to be re-read or claimed
-            handled += 1
-            if fields is None:  # deleted while pending: nothing to do
-                self._ack(message_id)
-                continue
-            if check_deliveries and self._is_poison(message_id, fields):
-                continue
-            if self.handle(message_id, fields) is Outcome.RETRY:
-                self._fail()
-                break
+        accepted: list[tuple[str, JobRequest, dict[str, Any]]] = []
+        try:
+            for message_id, fields in messages:
+                if self.stopping:
+                    break  # graceful stop: the rest stay pending, to be re-read or claimed
+                handled += 1
+                if fields is None:  # deleted while pending: nothing to do
+                    self._ack(message_id)
+                    continue
+                if check_deliveries and self._is_poison(message_id, fields):
+                    continue
+                outcome = self.handle(message_id, fields)
+                if isinstance(outcome, Accepted):
+                    accepted.append((message_id, outcome.request, outcome.job))
+                elif outcome is Outcome.RETRY:
+                    self._fail()
+                    break
+        finally:
+            # Also after an error: what was submitted is announced, acknowledged and published
+            # (if this fails, the messages stay pending and are resubmitted idempotently).
+            if accepted:
+                self._announce_and_ack(accepted)
+                relay_quietly(self.engine, self.publish, [job["id"] for _, _, job in accepted])
         return handled
 
     def _is_poison(self, message_id: str, fields: Mapping[str, Any]) -> bool:
@@ -275,8 +295,9 @@ class Consumer:
         self._dead_letter(message_id, fields, {"kind": "poison", "reason": reason})
         return True
 
-    def handle(self, message_id: str, fields: Mapping[str, Any]) -> Outcome:
-        """Parse, submit, relay, announce and acknowledge one message."""
+    def handle(self, message_id: str, fields: Mapping[str, Any]) -> Accepted | Outcome:
+        """Parse and submit one message; a refusal is dead-lettered here. The caller announces,
+        acknowledges and relays what was accepted."""
         try:
             request = parse_job(fields, message_id)
             submitted = jobs.submit(
@@ -298,26 +319,24 @@ class Consumer:
             )
             self.stats.retried += 1
             return Outcome.RETRY
-        job = submitted.job
-        self._announce_and_ack(message_id, request, job)
-        relay_quietly(self.engine, self.publish, job["id"])
         self.stats.accepted += 1
-        return Outcome.ACCEPTED
+        return Accepted(request, submitted.job)
 
-    def _announce_and_ack(self, message_id: str, request: JobRequest, job: dict[str, Any]) -> None:
-        """The `accepted` event goes before the relay, so a reader that learns the job id from
-        it sees the job's own events after it (or finds the job already terminal)."""
-        event = {
-            "status": "accepted",
-            "job_id": job["id"],
-            "job_status": job["status"],
-            "account_id": request.account_id,
-            "idempotency_key": request.idempotency_key,
-            "message_id": message_id,
-        }
+    def _announce_and_ack(self, accepted: list[tuple[str, JobRequest, dict[str, Any]]]) -> None:
+        """The `accepted` events go before the relay, so a reader that learns a job id from one
+        sees the job's own events after it (or finds the job already terminal)."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(EVENTS_STREAM, event, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
-        self._queue_ack(pipe, message_id)
+        for message_id, request, job in accepted:
+            event = {
+                "status": "accepted",
+                "job_id": job["id"],
+                "job_status": job["status"],
+                "account_id": request.account_id,
+                "idempotency_key": request.idempotency_key,
+                "message_id": message_id,
+            }
+            pipe.xadd(EVENTS_STREAM, event, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            self._queue_ack(pipe, message_id)
         pipe.execute()
 
     def _dead_letter(

@@ -49,18 +49,21 @@ def relay(
     engine: Engine,
     publish: Publisher,
     *,
-    job_id: str | None = None,
+    job_id: str | list[str] | None = None,
     min_age_s: float = 0.0,
     limit: int = RELAY_BATCH_MAX,
 ) -> int:
-    """Publish up to `limit` unpublished messages (one job's, or all older than `min_age_s`).
+    """Publish up to `limit` unpublished messages (one job's or some jobs', or all older
+    than `min_age_s`).
     Rows are locked (SKIP LOCKED on PostgreSQL) so concurrent relays never double-send a
     message they can see is taken; a crash after publish but before commit re-sends it."""
 
     def work(conn: Connection) -> int:
         stmt = select(outbox).where(outbox.c.published_at.is_(None)).order_by(outbox.c.id)
-        if job_id is not None:
+        if isinstance(job_id, str):
             stmt = stmt.where(outbox.c.job_id == job_id)
+        elif job_id is not None:
+            stmt = stmt.where(outbox.c.job_id.in_(job_id))
         if min_age_s:
             stmt = stmt.where(outbox.c.created_at <= utcnow() - timedelta(seconds=min_age_s))
         rows = conn.execute(stmt.limit(limit).with_for_update(skip_locked=True)).all()
@@ -86,7 +89,7 @@ def relay(
     return run_transaction(engine, work)
 
 
-def relay_quietly(engine: Engine, publish: Publisher, job_id: str) -> None:
+def relay_quietly(engine: Engine, publish: Publisher, job_id: str | list[str]) -> None:
     """The fast path after a commit: failures are left for the beat re-publisher."""
     try:
         relay(engine, publish, job_id=job_id)

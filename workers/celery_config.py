@@ -49,6 +49,11 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
         broker_connection_retry_on_startup=True,
         task_send_sent_event=True,
         worker_send_task_events=True,
+        # A job's state lives in PostgreSQL (and on tollgate:events), so the result backend
+        # keeps only failures: no STARTED/SUCCESS writes per task. A task that is waited on
+        # through Celery (none in the product) sets ignore_result=False.
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=True,
         task_track_started=True,
         task_serializer="json",
         result_serializer="json",
