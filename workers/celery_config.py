@@ -62,10 +62,15 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
         task_queues=[Queue(q) for q in (*GPU_QUEUES, CALLBACK_QUEUE, MAINTENANCE_QUEUE)],
         task_default_queue=MAINTENANCE_QUEUE,
         task_routes=routes,
+        # Each periodic run expires when the next is due: a busy worker (the demo runs every
+        # queue on one) then drops stale runs instead of working through a backlog of them.
         beat_schedule={
-            "reap": {"task": "tollgate.reap", "schedule": REAP_INTERVAL_S},
-            "republish": {"task": "tollgate.republish", "schedule": REPUBLISH_INTERVAL_S},
-            "tunes": {"task": "tollgate.tunes", "schedule": TUNES_INTERVAL_S},
+            name: {"task": task, "schedule": every_s, "options": {"expires": every_s}}
+            for name, task, every_s in (
+                ("reap", "tollgate.reap", REAP_INTERVAL_S),
+                ("republish", "tollgate.republish", REPUBLISH_INTERVAL_S),
+                ("tunes", "tollgate.tunes", TUNES_INTERVAL_S),
+            )
         },
         worker_hijack_root_logger=False,
     )
