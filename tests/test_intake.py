@@ -345,6 +345,40 @@ def test_a_transient_database_error_is_retried_not_dead_lettered(
     assert consumer.stats.retried == 1 and consumer.stats.accepted == 1
 
 
+def test_a_batch_interrupted_by_an_outage_still_acks_and_dispatches_what_it_submitted(
+    pg_engine: Engine,
+    rc: redis.Redis,
+    config: IntakeConfig,
+    consumer: Consumer,
+    account: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_submit = jobs.submit
+    calls = {"n": 0}
+
+    def third_fails(*args: Any, **kwargs: Any) -> jobs.Submitted:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OperationalError("INSERT ...", {}, Exception("server closed the connection"))
+        return real_submit(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "submit", third_fails)
+    ids = [xadd(rc, config, job_text(account, key=f"batch-{i}")) for i in range(4)]
+    assert consumer.step() == 0  # the start-up round: own pending messages (none)
+    # One batch: two submitted, the third hits the outage, the fourth is not tried.
+    assert consumer.step() == 3
+
+    rows = sorted(jobs_of(pg_engine, account), key=lambda r: r.idempotency_key)
+    assert [r.idempotency_key for r in rows] == ["batch-0", "batch-1"]
+    assert all(r.status == states.DISPATCHED for r in rows)  # relayed despite the outage
+    still_pending = {p["message_id"] for p in rc.xpending_range(
+        config.stream, config.group, min="-", max="+", count=10)}  # fmt: skip
+    assert still_pending == set(ids[2:])  # only what was not submitted stays pending
+    accepted = {f.get("message_id") for _, f in rc.xrange(EVENTS_STREAM)}
+    assert set(ids[:2]) <= accepted and not set(ids[2:]) & accepted
+    assert dead_letters(rc, config) == []
+
+
 def test_two_consumers_share_fifty_messages_and_none_is_processed_twice(
     pg_engine: Engine, storage: Storage, redis_url: str, rc: redis.Redis
 ) -> None:
