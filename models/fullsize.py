@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from models.compat import ensure_basicsr_compat
-from models.tiny import _save_params_ema, _scheduler, _seed, _text_config, _tokenizer
+from models.tiny.helpers import (
+    clip_text_config,
+    clip_tokenizer,
+    dpm_scheduler,
+    save_params_ema,
+    set_seed,
+)
 
 SD15_UNET: Final[dict[str, Any]] = {
     "sample_size": 64,
@@ -76,12 +82,12 @@ def sd15_components(seed: int, tokenizer: Any) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    _seed(seed)
+    set_seed(seed)
     unet = UNet2DConditionModel(**SD15_UNET)
-    _seed(seed + 1)
+    set_seed(seed + 1)
     vae = AutoencoderKL(**SD15_VAE)
-    _seed(seed + 2)
-    config = _text_config(
+    set_seed(seed + 2)
+    config = clip_text_config(
         tokenizer.vocab_size, tokenizer.eos_token_id, tokenizer.bos_token_id, SD15_TEXT["hidden"]
     )
     config.num_hidden_layers = SD15_TEXT["layers"]
@@ -95,12 +101,12 @@ def build_sd15_full(out: Path, seed: int) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    tok = _tokenizer(out / "tokenizer")
+    tok = clip_tokenizer(out / "tokenizer")
     parts = sd15_components(seed, tok)
     pipe = StableDiffusionPipeline(
         **parts,
         tokenizer=tok,
-        scheduler=_scheduler(),
+        scheduler=dpm_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -114,9 +120,9 @@ def build_esrgan_x4_full(path: Path, seed: int) -> Path:
     ensure_basicsr_compat()
     from basicsr.archs.rrdbnet_arch import RRDBNet
 
-    _seed(seed)
+    set_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save_params_ema(RRDBNet(**ESRGAN_X4), path)
+    save_params_ema(RRDBNet(**ESRGAN_X4), path)
     return path
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from models.fullsize import build_esrgan_x4_full, registry_toml, sd15_components
 from models.manager import ModelManager
 from models.registry import load_registry
-from models.tiny import _tokenizer
+from models.tiny.helpers import clip_tokenizer
 
 # Parameter counts of the released SD 1.5 UNet and VAE, and of CLIP ViT-L/14's text tower
 # with its 49408-token vocabulary.
@@ -25,7 +25,7 @@ CLIP_L_VOCAB = 49_408
 def test_sd15_components_have_the_released_sizes(tmp_path: Path) -> None:
     from accelerate import init_empty_weights
 
-    tok = _tokenizer(tmp_path / "tokenizer")
+    tok = clip_tokenizer(tmp_path / "tokenizer")
     with init_empty_weights():
         parts = sd15_components(1, tok)
     count = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
