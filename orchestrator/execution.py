@@ -117,16 +117,19 @@ class RunContext:
             raise UnknownImage(f"image_id: no image {self.spec.get('image_id')!r}")
         return self.storage.get(self.attempt.input_key)
 
-    def check_lease(self, conn: Connection) -> None:
-        """Raise JobStopped unless this attempt still owns a live, uncanceled job."""
-        row = conn.execute(
-            select(jobs.c.status, jobs.c.lease_token, jobs.c.cancel_requested).where(
-                jobs.c.id == self.job_id
-            )
-        ).one()
-        if row.lease_token != self.attempt.token or states.is_terminal(row.status):
+    def check_lease(self, conn: Connection, row: Row[Any] | None = None) -> None:
+        """Raise JobStopped unless this attempt still owns a live, uncanceled job (`row`: the
+        job as the caller just read it under its lock, saving a read)."""
+        current: Any = row
+        if current is None:
+            current = conn.execute(
+                select(jobs.c.status, jobs.c.lease_token, jobs.c.cancel_requested).where(
+                    jobs.c.id == self.job_id
+                )
+            ).one()
+        if current.lease_token != self.attempt.token or states.is_terminal(current.status):
             raise JobStopped("superseded")
-        if row.cancel_requested:
+        if current.cancel_requested:
             raise JobStopped("canceled")
 
     def progress(self, step: int, total: int) -> None:
@@ -143,7 +146,7 @@ class RunContext:
                 self.check_lease(conn)
                 return
             row = lock_job(conn, self.job_id)
-            self.check_lease(conn)
+            self.check_lease(conn, row)
             values: dict[str, Any] = {"progress_step": step, "progress_total": total}
             if pending:
                 values["outputs"] = _merged(row.outputs, pending)
