@@ -12,10 +12,11 @@ expire in the same transaction.
 
 On PostgreSQL, `hold` and the resolutions (`commit`, `release`, `expire`) are one statement
 each: they call the PL/pgSQL functions `tollgate_ledger_hold` and `tollgate_ledger_resolve`
-(migration 0003), which do what the Python path below does, in the same order and with the
-same lock, and return an error code instead of raising (so, as in Python, what ran before
-the error stays in the caller's transaction); billing.ledger_pg turns the code
-into the same exception. SQLite (and everything else) runs the Python (Core) path.
+(migration 0003; 0005 runs their grant expiry only when a grant is due), which do what the
+Python path below does, in the same order and with the same lock, and return an error code
+instead of raising (so, as in Python, what ran before the error stays in the caller's
+transaction); billing.ledger_pg turns the code into the same exception. SQLite (and
+everything else) runs the Python (Core) path.
 """
 
 from __future__ import annotations
