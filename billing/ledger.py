@@ -17,6 +17,8 @@ Python path below does, in the same order and with the same lock, and return an 
 instead of raising (so, as in Python, what ran before the error stays in the caller's
 transaction); billing.ledger_pg turns the code into the same exception. SQLite (and
 everything else) runs the Python (Core) path.
+
+Reads (holds, balances, accounts, due holds) are in billing.queries and re-exported here.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, func, insert, nulls_last, or_, select, update
+from sqlalchemy import Connection, insert, nulls_last, select, update
 
 from billing.clock import utcnow
 from billing.errors import (
@@ -37,6 +39,12 @@ from billing.errors import (
 )
 from billing.ledger_pg import hold_pg, on_postgresql, resolve_pg
 from billing.pricing import CREDIT_KINDS
+from billing.queries import EXPIRE_BATCH_MAX, unexpired
+from billing.queries import due_holds as due_holds  # re-exported: reads live in billing.queries
+from billing.queries import get_account as get_account
+from billing.queries import get_balance as get_balance
+from billing.queries import get_balances as get_balances
+from billing.queries import get_hold as get_hold
 from billing.tables import (
     accounts,
     balances,
@@ -46,7 +54,6 @@ from billing.tables import (
     holds,
 )
 from billing.values import (
-    Balance,
     Grant,
     Hold,
     check_amount,
@@ -59,7 +66,6 @@ GRANT_SOURCES = ("purchase", "plan", "promo", "adjustment")
 GRANT_AMOUNT_MAX = 10_000_000
 HOLD_AMOUNT_MAX = 100_000
 HOLD_TTL_S_MAX = 7 * 24 * 3600
-EXPIRE_BATCH_MAX = 500
 
 
 def new_account_id() -> str:
@@ -111,10 +117,6 @@ def _add_to_balance(
         .where(balances.c.account_id == account_id, balances.c.kind == kind)
         .values(balance=balances.c.balance + delta_balance, held=balances.c.held + delta_held)
     )
-
-
-def _live(now: datetime):  # type: ignore[no-untyped-def]
-    return or_(grants.c.expires_at.is_(None), grants.c.expires_at > now)
 
 
 def _burn_order():  # type: ignore[no-untyped-def]
@@ -214,24 +216,6 @@ def grant(
     return Grant(grant_id, reference, account_id, kind, amount, created=True)
 
 
-def _hold_from_row(row) -> Hold:  # type: ignore[no-untyped-def]
-    return Hold(
-        id=row.id,
-        reference=row.reference,
-        account_id=row.account_id,
-        kind=row.kind,
-        amount=int(row.amount),
-        status=row.status,
-        committed=int(row.committed),
-        expires_at=row.expires_at,
-    )
-
-
-def get_hold(conn: Connection, reference: str) -> Hold | None:
-    row = conn.execute(select(holds).where(holds.c.reference == reference)).first()
-    return None if row is None else _hold_from_row(row)
-
-
 def hold(
     conn: Connection,
     account_id: str,
@@ -266,7 +250,7 @@ def hold(
             grants.c.account_id == account_id,
             grants.c.kind == kind,
             grants.c.remaining > 0,
-            _live(now),
+            unexpired(now),
         )
         .order_by(*_burn_order())
     ).all()
@@ -419,18 +403,6 @@ def expire(conn: Connection, reference: str, *, now: datetime | None = None) -> 
     return _resolve(conn, locked, "expired", 0, now)
 
 
-def due_holds(conn: Connection, now: datetime, limit: int = EXPIRE_BATCH_MAX) -> list[str]:
-    """References of open holds past their deadline (oldest first), for a sweeper."""
-    return list(
-        conn.execute(
-            select(holds.c.reference)
-            .where(holds.c.status == "open", holds.c.expires_at <= now)
-            .order_by(holds.c.expires_at)
-            .limit(limit)
-        ).scalars()
-    )
-
-
 def expire_grants(
     conn: Connection, now: datetime | None = None, limit: int = EXPIRE_BATCH_MAX
 ) -> int:
@@ -447,38 +419,3 @@ def expire_grants(
         _lock_balance(conn, account_id, kind)
         total += _expire_grants_locked(conn, account_id, kind, now)
     return total
-
-
-def get_balance(
-    conn: Connection, account_id: str, kind: str, *, now: datetime | None = None
-) -> Balance:
-    """Balance as a user sees it: credits in expired grants are not counted, even before
-    the sweeper has written their expiry entries."""
-    check_kind(kind)
-    now = now or utcnow()
-    row = conn.execute(
-        select(balances.c.held).where(balances.c.account_id == account_id, balances.c.kind == kind)
-    ).first()
-    if row is None:
-        raise UnknownAccount(account_id)
-    live = conn.execute(
-        select(func.coalesce(func.sum(grants.c.remaining), 0)).where(
-            and_(grants.c.account_id == account_id, grants.c.kind == kind, _live(now))
-        )
-    ).scalar_one()
-    held = int(row.held)
-    return Balance(kind, balance=int(live) + held, held=held, available=int(live))
-
-
-def get_balances(
-    conn: Connection, account_id: str, *, now: datetime | None = None
-) -> list[Balance]:
-    now = now or utcnow()
-    return [get_balance(conn, account_id, kind, now=now) for kind in CREDIT_KINDS]
-
-
-def get_account(conn: Connection, account_id: str):  # type: ignore[no-untyped-def]
-    row = conn.execute(select(accounts).where(accounts.c.id == account_id)).first()
-    if row is None:
-        raise UnknownAccount(account_id)
-    return row
