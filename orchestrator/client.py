@@ -26,7 +26,7 @@ import redis
 
 from orchestrator import states
 from orchestrator.events import EVENTS_STREAM
-from orchestrator.intake import DEAD_STREAM, JOBS_STREAM
+from orchestrator.streams import DEAD_STREAM, JOBS_STREAM
 
 READ_COUNT: Final = 500
 READ_BLOCK_MS_MAX: Final = 1_000

@@ -19,6 +19,16 @@ ACCOUNT_ID_MAX_LEN: Final = 64
 DERIVED_KEY_PREFIX: Final = "msg:"
 MESSAGE_FIELDS: Final = frozenset({"account_id", "idempotency_key", "spec", "callback_url"})
 
+# Refusals that no retry can fix: dead-lettered.
+PERMANENT_ERRORS: Final = (
+    InvalidJobSpec,
+    UnknownAccount,
+    jobs.IdempotencyConflict,
+    jobs.JobRejected,
+    InvalidImage,
+    UnknownImage,
+)
+
 
 class MalformedMessage(Exception):
     """A message that is not a job request; the text is the dead-letter reason."""

@@ -24,10 +24,11 @@ from orchestrator import jobs, states
 from orchestrator.client import DeadLettered, TollgateClient
 from orchestrator.dispatch import Publisher
 from orchestrator.events import EVENTS_STREAM
-from orchestrator.intake import Consumer, IntakeConfig
+from orchestrator.intake import Consumer
 from orchestrator.messages import MalformedMessage, derived_key, parse_job
 from orchestrator.outbox import relay_quietly
 from orchestrator.storage import Storage
+from orchestrator.streams import IntakeConfig
 from tests.intake_helpers import (
     REPO_ROOT,
     TXT2IMG,

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from billing.db import run_transaction
 from billing.tables import holds
 from orchestrator.families import CALLBACK_QUEUE, GPU_QUEUES
-from orchestrator.intake import DEAD_STREAM, JOBS_STREAM
+from orchestrator.streams import DEAD_STREAM, JOBS_STREAM
 from orchestrator.tables import jobs
 
 log = logging.getLogger(__name__)

@@ -297,7 +297,8 @@ def intake(
     name: str | None, batch_size: int, block_ms: int, claim_min_idle_ms: int, max_deliveries: int
 ) -> None:
     """Run a consumer of the tollgate:jobs stream until SIGTERM/SIGINT."""
-    from orchestrator.intake import IntakeConfig, consumer_from_settings, install_signal_handlers
+    from orchestrator.intake import consumer_from_settings, install_signal_handlers
+    from orchestrator.streams import IntakeConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = IntakeConfig(
