@@ -1,12 +1,10 @@
 """The Redis intake against real Redis and PostgreSQL: messages become jobs with holds,
 refusals are dead-lettered, pending messages of dead consumers are claimed, poison is
-bounded, consumers share work, and the client and CLI work end to end."""
+bounded, consumers share work, and the client works end to end (parsing: test_messages.py;
+the CLI: test_cli_jobs.py)."""
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +12,6 @@ from typing import Any
 
 import pytest
 import redis
-from click.testing import CliRunner
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
@@ -25,17 +22,14 @@ from orchestrator.client import DeadLettered, TollgateClient
 from orchestrator.dispatch import Publisher
 from orchestrator.events import EVENTS_STREAM
 from orchestrator.intake import Consumer
-from orchestrator.messages import MalformedMessage, derived_key, parse_job
+from orchestrator.messages import derived_key
 from orchestrator.outbox import relay_quietly
 from orchestrator.storage import Storage
 from orchestrator.streams import IntakeConfig
 from tests.intake_helpers import (
-    REPO_ROOT,
     TXT2IMG,
-    cli_command,
     dead_letters,
     drain,
-    job_cli,
     job_count,
     job_text,
     jobs_of,
@@ -47,49 +41,6 @@ from tests.intake_helpers import (
     xadd,
 )
 from tests.ledger_helpers import available, grant, new_account
-
-# --- parsing (pure) ---------------------------------------------------------------------
-
-
-def test_parse_job_takes_the_fields_and_derives_a_key_from_the_message_id() -> None:
-    with_key = parse_job({"job": job_text("acct_1", key="k-1", callback_url=None)}, "1-0")
-    assert (with_key.account_id, with_key.idempotency_key, with_key.key_derived) == (
-        "acct_1",
-        "k-1",
-        False,
-    )
-    assert with_key.spec == TXT2IMG
-    without = parse_job({"job": job_text("acct_1")}, "17-3")
-    assert without.idempotency_key == derived_key("17-3") == "msg:17-3"
-    assert without.key_derived
-
-
-@pytest.mark.parametrize(
-    ("fields", "reason"),
-    [
-        ({}, "missing field 'job'"),
-        ({"job": "{not json"}, "not valid JSON"),
-        ({"job": "[1, 2]"}, "must be a JSON object"),
-        ({"job": json.dumps({"spec": TXT2IMG})}, "account_id: missing"),
-        ({"job": json.dumps({"account_id": 7, "spec": TXT2IMG})}, "account_id: must be"),
-        ({"job": json.dumps({"account_id": "a"})}, "spec: missing"),
-        ({"job": json.dumps({"account_id": "a", "spec": "txt2img"})}, "spec: must be"),
-        ({"job": job_text("a", key="")}, "idempotency_key: must be"),
-        ({"job": job_text("a", callback_url=5)}, "callback_url: must be"),
-        ({"job": job_text("a", priority=1)}, "unknown field(s): priority"),
-    ],
-)
-def test_parse_job_refuses_malformed_messages(fields: dict[str, Any], reason: str) -> None:
-    with pytest.raises(MalformedMessage, match=reason.replace("(", r"\(").replace(")", r"\)")):
-        parse_job(fields, "1-0")
-
-
-def test_config_is_bounded() -> None:
-    with pytest.raises(ValueError, match="batch_size"):
-        IntakeConfig(batch_size=10_000)
-    with pytest.raises(ValueError, match="block_ms"):
-        IntakeConfig(block_ms=0)
-
 
 # --- one consumer, stepped ---------------------------------------------------------------
 
@@ -464,115 +415,3 @@ def test_client_wait_raises_the_dead_letter_reason(
     assert caught.value.kind == "unknown_account"
     assert caught.value.fields["message_id"] == sub.message_id
     client.close()
-
-
-# --- CLI end to end ---------------------------------------------------------------------
-
-
-def _cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*cli_command(), *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_cli_submit_via_redis_with_a_running_intake(
-    pg_engine: Engine, service_env: dict[str, str]
-) -> None:
-    owner = new_account(pg_engine)
-    grant(pg_engine, owner, 10)
-    spec = json.dumps(TXT2IMG)
-    intake = _cli(service_env, "intake", "--name", "cli-test", "--block-ms", "200")
-    try:
-        plain = _cli(service_env, "submit", spec, "--account", owner, "--via", "redis")
-        out, err = plain.communicate(timeout=30)
-        assert plain.returncode == 0, err
-        key = json.loads(out)["idempotency_key"]
-        first = wait_for(
-            lambda: next((r for r in jobs_of(pg_engine, owner) if r.idempotency_key == key), 0),
-            20,
-            "the intake to submit the job",
-        )
-        assert first.source == "redis"
-        wait_for(
-            lambda: jobs.get(pg_engine, owner, first.id)["status"] == states.DISPATCHED,
-            10,
-            "the relay to dispatch it",
-        )
-
-        waiting = _cli(
-            service_env, "submit", spec, "--account", owner, "--wait", "--idempotency-key", "w1"
-        )  # default --via: redis, since TOLLGATE_REDIS_URL is set
-        second = wait_for(
-            lambda: next((r for r in jobs_of(pg_engine, owner) if r.idempotency_key == "w1"), 0),
-            20,
-            "the waited job",
-        )
-        jobs.cancel(pg_engine, owner, second.id)
-        relay_quietly(pg_engine, Publisher(service_env["TOLLGATE_REDIS_URL"]), second.id)
-        out, err = waiting.communicate(timeout=30)
-        assert waiting.returncode == 1, (out, err)  # canceled
-        assert json.loads(out)["status"] == states.CANCELED
-        assert f"{second.id}: canceled" in err
-
-        refused = _cli(service_env, "submit", spec, "--account", "acct_nobody", "--wait")
-        out, err = refused.communicate(timeout=30)
-        assert refused.returncode == 2 and "unknown account" in err
-    finally:
-        intake.send_signal(signal.SIGTERM)
-        _out, intake_err = intake.communicate(timeout=20)
-    assert intake.returncode == 0, intake_err
-    assert "stopped: 2 accepted, 1 dead-lettered" in intake_err
-
-
-@pytest.mark.usefixtures("settings_env")
-def test_cli_jobs_show_list_cancel_and_direct_submit(pg_engine: Engine) -> None:
-    owner = new_account(pg_engine)
-    grant(pg_engine, owner, 10)
-    cli, runner = job_cli(), CliRunner()
-    direct = runner.invoke(
-        cli, ["submit", json.dumps(TXT2IMG), "--account", owner, "--via", "direct"]
-    )
-    assert direct.exit_code == 0, direct.output
-    job_id = json.loads(direct.stdout)["id"]
-
-    shown = runner.invoke(cli, ["jobs", "show", job_id, "--json"])
-    assert json.loads(shown.stdout)["status"] == states.DISPATCHED
-    listed = runner.invoke(cli, ["jobs", "list", "--account", owner, "--json"])
-    assert [j["id"] for j in json.loads(listed.stdout)] == [job_id]
-    table = runner.invoke(cli, ["jobs", "list", "--account", owner, "--status", "dispatched"])
-    assert job_id in table.stdout and "txt2img" in table.stdout
-    canceled = runner.invoke(cli, ["jobs", "cancel", job_id])
-    assert canceled.exit_code == 0 and "canceled (refunded 1)" in canceled.stdout
-    assert runner.invoke(cli, ["jobs", "show", "job_nope"]).exit_code == 2
-    assert runner.invoke(cli, ["jobs", "cancel", job_id]).exit_code == 0  # already canceled
-    assert available(pg_engine, owner) == 10
-
-    refused = runner.invoke(
-        cli, ["submit", json.dumps(TXT2IMG), "--account", "acct_nobody", "--via", "direct"]
-    )
-    assert refused.exit_code == 2 and "unknown account" in refused.stderr
-
-
-@pytest.mark.usefixtures("settings_env")
-def test_cli_direct_submit_wait_exits_1_when_the_job_is_canceled(pg_engine: Engine) -> None:
-    owner = new_account(pg_engine)
-    grant(pg_engine, owner, 10)
-
-    def cancel_when_queued() -> None:
-        row = wait_for(lambda: jobs_of(pg_engine, owner), what="the job")[0]
-        jobs.cancel(pg_engine, owner, row.id)
-
-    canceler = threading.Thread(target=cancel_when_queued, daemon=True)
-    canceler.start()
-    args = ["submit", json.dumps(TXT2IMG), "--account", owner, "--via", "direct", "--wait"]
-    waited = CliRunner().invoke(job_cli(), args)
-    canceler.join(10)
-
-    assert waited.exit_code == 1, waited.output
-    assert json.loads(waited.stdout)["status"] == states.CANCELED
-    assert ": canceled" in waited.stderr
