@@ -1,8 +1,11 @@
-"""Helpers for the API tests: images (good, bad, a decompression bomb) and a real server."""
+"""Helpers for the API tests: images (good, bad, a decompression bomb), a real server, and
+requests against the TestClient app (accounts, submissions, balances, settings overrides)."""
 
 from __future__ import annotations
 
 import io
+import os
+import secrets
 import socket
 import struct
 import subprocess
@@ -12,9 +15,13 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+from fastapi.testclient import TestClient
 from PIL import Image
+
+from orchestrator.settings import get_settings
 
 REPO_ROOT = Path(__file__).parents[1]
 SERVER_READY_TIMEOUT_S = 30
@@ -94,3 +101,59 @@ def _wait_healthy(base: str, proc: subprocess.Popen[bytes], log_path: Path) -> N
             pass
         time.sleep(0.1)
     raise RuntimeError(f"API server not healthy: {log_path.read_text()[-3000:]}")
+
+
+# --- requests against the TestClient app (tests/api/) ------------------------------------
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+TXT2IMG: dict[str, Any] = {
+    "type": "txt2img",
+    "prompt": "a red bicycle",
+    "width": 512,
+    "height": 512,
+    "steps": 20,
+    "num_images": 1,
+}
+
+Headers = dict[str, str]
+
+
+@contextmanager
+def env_overridden(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        get_settings.cache_clear()
+
+
+def make_account(
+    http: TestClient, made: list[str], credits: int = 0, plan: str = "free"
+) -> tuple[str, Headers]:
+    res = http.post("/v1/accounts", json={"name": "api-test", "plan": plan}, headers=ADMIN)
+    assert res.status_code == 201, res.text
+    body = res.json()
+    made.append(body["id"])
+    if credits:
+        grant = {"kind": "image", "amount": credits, "reference": f"g-{secrets.token_hex(8)}"}
+        res = http.post(f"/v1/accounts/{body['id']}/grants", json=grant, headers=ADMIN)
+        assert res.status_code == 201, res.text
+    return body["id"], {"Authorization": f"Bearer {body['api_key']}"}
+
+
+def image_balance(http: TestClient, headers: Headers) -> dict[str, int]:
+    res = http.get("/v1/balance", headers=headers)
+    assert res.status_code == 200, res.text
+    found: dict[str, int] = res.json()["image"]
+    return found
+
+
+def submit(http: TestClient, headers: Headers, spec: dict[str, Any] | None = None) -> Any:
+    return http.post("/v1/jobs", json={"spec": spec or TXT2IMG}, headers=headers)

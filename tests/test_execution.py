@@ -51,6 +51,7 @@ def test_outputs_are_recorded_with_the_next_progress_write(
             )
         ).one()
     assert (step, total) == (2, 3)
+    execution.finish(pg_engine, ctx.attempt, states.SUCCEEDED, ctx=ctx)  # leave nothing active
 
 
 def test_cancel_charges_outputs_still_unrecorded(pg_engine: Engine, storage: Storage) -> None:
@@ -74,6 +75,7 @@ def test_a_superseded_attempt_records_nothing(pg_engine: Engine, storage: Storag
     assert newer is not None
     assert execution.finish(pg_engine, old.attempt, states.SUCCEEDED, ctx=old) == states.RUNNING
     assert outputs(pg_engine, job_id) == []
+    execution.finish(pg_engine, newer, states.FAILED, "test over")  # leave nothing active
 
 
 def test_commit_without_flush_wait_is_for_one_transaction_only(pg_engine: Engine) -> None:
