@@ -39,8 +39,8 @@ from bench.ledger import bench_database  # noqa: E402
 from billing import ledger  # noqa: E402
 from billing.db import make_engine, run_transaction  # noqa: E402
 from orchestrator import accounts  # noqa: E402
+from orchestrator.jobs.states import TERMINAL  # noqa: E402
 from orchestrator.standalone import free_port  # noqa: E402
-from orchestrator.states import TERMINAL  # noqa: E402
 from orchestrator.tables import jobs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

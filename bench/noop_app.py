@@ -8,7 +8,7 @@ import io
 from PIL import Image
 
 import workers.txt2img  # noqa: F401  (the product task, before its runner is replaced)
-from orchestrator.execution import RunContext
+from orchestrator.execution.protocol import RunContext
 from workers.app import app
 from workers.runtime import register
 

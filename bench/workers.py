@@ -51,11 +51,11 @@ from bench.lifecycle import ADMIN_URL, spawn, wait_log  # noqa: E402
 from billing import ledger  # noqa: E402
 from billing.db import make_engine, run_transaction  # noqa: E402
 from orchestrator import accounts, jobs  # noqa: E402
-from orchestrator.dispatch import Publisher  # noqa: E402
 from orchestrator.events import EVENTS_STREAM  # noqa: E402
-from orchestrator.outbox import relay  # noqa: E402
+from orchestrator.jobs.states import SUCCEEDED, TERMINAL  # noqa: E402
+from orchestrator.scheduling.dispatch import Publisher  # noqa: E402
+from orchestrator.scheduling.outbox import relay  # noqa: E402
 from orchestrator.standalone import free_port  # noqa: E402
-from orchestrator.states import SUCCEEDED, TERMINAL  # noqa: E402
 from orchestrator.storage import Storage  # noqa: E402
 from orchestrator.tables import jobs as jobs_table  # noqa: E402
 

@@ -67,8 +67,8 @@ def drain() -> int:
 def intake() -> int:
     import redis
 
+    from orchestrator.ingress.streams import GROUP, JOBS_STREAM
     from orchestrator.settings import get_settings
-    from orchestrator.streams import GROUP, JOBS_STREAM
 
     client = redis.Redis.from_url(get_settings().redis_url, socket_timeout=PING_TIMEOUT_S)
     host = socket.gethostname()

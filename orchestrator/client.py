@@ -24,9 +24,9 @@ from typing import Any, Final
 
 import redis
 
-from orchestrator import states
 from orchestrator.events import EVENTS_STREAM
-from orchestrator.streams import DEAD_STREAM, JOBS_STREAM
+from orchestrator.ingress.streams import DEAD_STREAM, JOBS_STREAM
+from orchestrator.jobs import states
 
 READ_COUNT: Final = 500
 READ_BLOCK_MS_MAX: Final = 1_000

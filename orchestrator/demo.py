@@ -23,11 +23,12 @@ from PIL import Image
 
 from billing import ledger
 from billing.db import run_transaction
-from orchestrator import accounts, jobs
+from orchestrator import accounts
 from orchestrator.db import get_engine
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs.states import TERMINAL
 from orchestrator.settings import get_settings
 from orchestrator.standalone import Standalone
-from orchestrator.states import TERMINAL
 from orchestrator.storage import get_storage
 
 DEMO_TIMEOUT_S: Final = 600

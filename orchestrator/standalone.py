@@ -23,7 +23,7 @@ from typing import IO, Final
 
 import httpx
 
-from orchestrator.families import CALLBACK_QUEUE, GPU_QUEUES, MAINTENANCE_QUEUE
+from orchestrator.jobs.families import CALLBACK_QUEUE, GPU_QUEUES, MAINTENANCE_QUEUE
 
 STOP_GRACE_S: Final = 15
 READY_TIMEOUT_S: Final = 90

@@ -17,10 +17,10 @@ import redis
 from sqlalchemy import Engine, func, select
 
 from billing.db import run_transaction
-from orchestrator.dispatch import Publisher
-from orchestrator.intake import Consumer
+from orchestrator.ingress.intake import Consumer
+from orchestrator.ingress.streams import IntakeConfig
+from orchestrator.scheduling.dispatch import Publisher
 from orchestrator.storage import Storage
-from orchestrator.streams import IntakeConfig
 from orchestrator.tables import jobs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

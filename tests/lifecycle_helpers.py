@@ -9,10 +9,10 @@ from sqlalchemy import Engine, select
 
 from billing import ledger
 from billing.db import run_transaction
-from orchestrator import jobs
-from orchestrator.dispatch import Publisher
-from orchestrator.outbox import relay
-from orchestrator.states import TERMINAL
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs.states import TERMINAL
+from orchestrator.scheduling.dispatch import Publisher
+from orchestrator.scheduling.outbox import relay
 from orchestrator.storage import Storage
 from orchestrator.tables import job_results
 from orchestrator.tables import jobs as jobs_table

@@ -5,7 +5,7 @@ dropped), read from the app the workers run."""
 
 from __future__ import annotations
 
-from orchestrator.families import FAMILIES, GPU_QUEUES, LONGEST_JOB_S
+from orchestrator.jobs.families import FAMILIES, GPU_QUEUES, LONGEST_JOB_S
 from workers.celery_config import (
     REAP_INTERVAL_S,
     REPUBLISH_INTERVAL_S,

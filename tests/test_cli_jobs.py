@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine
 
-from orchestrator import jobs, states
-from orchestrator.dispatch import Publisher
-from orchestrator.outbox import relay_quietly
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs import states
+from orchestrator.scheduling.dispatch import Publisher
+from orchestrator.scheduling.outbox import relay_quietly
 from tests.intake_helpers import (
     REPO_ROOT,
     TXT2IMG,

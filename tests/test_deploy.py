@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from orchestrator.families import FAMILIES
+from orchestrator.jobs.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

@@ -1,4 +1,4 @@
-"""orchestrator.execution in process, on real PostgreSQL: when outputs become visible, what
+"""orchestrator.execution.protocol in process, on real PostgreSQL: when outputs become visible, what
 a cancel charges for outputs not yet recorded, and which transactions skip the WAL wait."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from billing.db import run_transaction
-from orchestrator import execution, jobs, states
 from orchestrator.db import commit_without_flush_wait
+from orchestrator.execution import protocol as execution
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs import states
 from orchestrator.storage import Storage
 from orchestrator.tables import jobs as jobs_table
 from tests.ledger_helpers import grant, new_account

@@ -17,15 +17,16 @@ from sqlalchemy.exc import OperationalError
 
 from billing import ledger
 from billing.db import run_transaction
-from orchestrator import jobs, states
 from orchestrator.client import DeadLettered, TollgateClient
-from orchestrator.dispatch import Publisher
 from orchestrator.events import EVENTS_STREAM
-from orchestrator.intake import Consumer
-from orchestrator.messages import derived_key
-from orchestrator.outbox import relay_quietly
+from orchestrator.ingress.intake import Consumer
+from orchestrator.ingress.messages import derived_key
+from orchestrator.ingress.streams import IntakeConfig
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs import states
+from orchestrator.scheduling.dispatch import Publisher
+from orchestrator.scheduling.outbox import relay_quietly
 from orchestrator.storage import Storage
-from orchestrator.streams import IntakeConfig
 from tests.intake_helpers import (
     TXT2IMG,
     dead_letters,

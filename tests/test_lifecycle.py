@@ -14,10 +14,10 @@ from sqlalchemy import Engine
 from billing import ledger
 from billing.db import run_transaction
 from billing.verify import verify
-from orchestrator import jobs
-from orchestrator.dispatch import Publisher
-from orchestrator.outbox import relay
-from orchestrator.reaper import reap
+from orchestrator.jobs import service as jobs
+from orchestrator.scheduling.dispatch import Publisher
+from orchestrator.scheduling.outbox import relay
+from orchestrator.settlement.reaper import reap
 from orchestrator.storage import Storage
 from tests.ledger_helpers import grant, new_account
 from tests.lifecycle_helpers import available, results, row, submit, wait_terminal, wait_until

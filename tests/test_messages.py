@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.messages import MalformedMessage, derived_key, parse_job
-from orchestrator.streams import IntakeConfig
+from orchestrator.ingress.messages import MalformedMessage, derived_key, parse_job
+from orchestrator.ingress.streams import IntakeConfig
 from tests.intake_helpers import (
     TXT2IMG,
     job_text,

@@ -15,11 +15,11 @@ from sqlalchemy import Engine
 
 from billing import InvalidJobSpec
 from billing.pricing import TUNE_RENDER_PROMPTS, TUNE_RENDER_STEPS_MAX
-from orchestrator import styles
 from orchestrator.accounts import create_account
 from orchestrator.api.app import create_app
 from orchestrator.errors import OrchestratorError
-from orchestrator.styles import (
+from orchestrator.jobs import styles
+from orchestrator.jobs.styles import (
     Catalogue,
     InvalidCatalogue,
     Style,
@@ -67,7 +67,7 @@ def test_shipped_catalogue_loads_with_at_least_100_styles() -> None:
 
 
 def test_shipped_catalogue_is_package_data() -> None:
-    assert Path(styles.__file__).parent / "data" / "styles.json" == styles.DEFAULT_PATH
+    assert Path(styles.__file__).parents[1] / "data" / "styles.json" == styles.DEFAULT_PATH
     assert styles.DEFAULT_PATH.is_file()
 
 

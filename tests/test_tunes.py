@@ -21,11 +21,13 @@ from sqlalchemy import Engine, select
 from billing import ledger
 from billing.db import run_transaction
 from billing.verify import verify
-from orchestrator import jobs, retention, tunes
-from orchestrator.dispatch import Publisher
-from orchestrator.outbox import relay
+from orchestrator.jobs import service as jobs
+from orchestrator.scheduling.dispatch import Publisher
+from orchestrator.scheduling.outbox import relay
 from orchestrator.settings import get_settings
+from orchestrator.settlement import retention
 from orchestrator.storage import Storage
+from orchestrator.tunes import service as tunes
 from tests.ledger_helpers import grant, new_account
 from tests.lifecycle_helpers import row, wait_until
 from tests.support.services import celery_worker

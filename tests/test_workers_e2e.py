@@ -16,9 +16,9 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from billing import quote
-from orchestrator import jobs
-from orchestrator.dispatch import Publisher
-from orchestrator.outbox import relay
+from orchestrator.jobs import service as jobs
+from orchestrator.scheduling.dispatch import Publisher
+from orchestrator.scheduling.outbox import relay
 from orchestrator.standalone import free_port
 from orchestrator.storage import Storage
 from tests.ledger_helpers import grant, new_account

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from orchestrator.families import (
+from orchestrator.jobs.families import (
     CALLBACK_QUEUE,
     CALLBACK_TASK,
     FAMILIES,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.execution import RunContext, Runner
+from orchestrator.execution.protocol import RunContext, Runner
 from workers.app import app
 from workers.outputs import model_id, open_image, png_bytes
 from workers.runtime import register, run_job

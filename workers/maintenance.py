@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from orchestrator.db import get_engine
-from orchestrator.dispatch import get_publisher
-from orchestrator.outbox import relay
-from orchestrator.reaper import reap
-from orchestrator.retention import sweep_expired
+from orchestrator.scheduling.dispatch import get_publisher
+from orchestrator.scheduling.outbox import relay
+from orchestrator.settlement.reaper import reap
+from orchestrator.settlement.retention import sweep_expired
 from orchestrator.storage import get_storage
-from orchestrator.tunes import start_waiting_renders
+from orchestrator.tunes.service import start_waiting_renders
 from workers.app import app
 
 # Messages younger than this are left to the fast path of the process that wrote them.

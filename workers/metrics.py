@@ -39,7 +39,7 @@ from celery.signals import (
 )
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from orchestrator.families import FAMILIES
+from orchestrator.jobs.families import FAMILIES
 
 log = logging.getLogger(__name__)
 

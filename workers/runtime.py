@@ -1,4 +1,4 @@
-"""What every family's task does: run the job through orchestrator.execution with the
+"""What every family's task does: run the job through orchestrator.execution.protocol with the
 family's runner. Runners are looked up by job type, so a test worker can register its own
 behaviours without touching the product's tasks."""
 
@@ -11,10 +11,10 @@ from typing import Any
 from celery import Task
 
 from orchestrator.db import get_engine
-from orchestrator.dispatch import get_publisher
 from orchestrator.events import append_event
-from orchestrator.execution import JOB_PHASE, Phase, Runner, execute
-from orchestrator.outbox import relay_quietly
+from orchestrator.execution.protocol import JOB_PHASE, Phase, Runner, execute
+from orchestrator.scheduling.dispatch import get_publisher
+from orchestrator.scheduling.outbox import relay_quietly
 from orchestrator.storage import get_storage
 
 _runners: dict[str, Runner] = {}

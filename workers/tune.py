@@ -1,5 +1,6 @@
 """Tunes: DreamBooth-LoRA training (queue gpu.train) and the 64-image render (gpu.txt2img).
-Both run through orchestrator.execution with the tune's phases (orchestrator.tunes)."""
+Both run through orchestrator.execution.protocol with the tune's phases
+(orchestrator.tunes.service)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from typing import Any
 from sqlalchemy import Connection, update
 
 from billing.db import run_transaction
-from orchestrator.execution import JobStopped, RunContext, Runner
+from orchestrator.execution.protocol import JobStopped, RunContext, Runner
+from orchestrator.jobs.styles import get_catalogue
 from orchestrator.settings import get_settings
-from orchestrator.styles import get_catalogue
 from orchestrator.tables import tunes
-from orchestrator.tunes import RENDER_PHASE, TRAINING_PHASE, get_tune
+from orchestrator.tunes.service import RENDER_PHASE, TRAINING_PHASE, get_tune
 from workers.app import app
 from workers.contact_sheet import contact_sheet
 from workers.outputs import open_image, png_bytes

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 import billing
-from orchestrator import db, jobs, tunes
+from orchestrator import db
 from orchestrator.api import (
     routes_account,
     routes_admin,
@@ -29,8 +29,10 @@ from orchestrator.api.deps import EngineDep
 from orchestrator.api.limits import BodyLimit
 from orchestrator.api.metrics import RequestMetrics, make_registry
 from orchestrator.api.schemas import Health
-from orchestrator.images import InvalidImage, UnknownImage
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs.images import InvalidImage, UnknownImage
 from orchestrator.settings import get_settings
+from orchestrator.tunes import service as tunes
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 
 from billing.db import run_transaction
-from orchestrator import db, dispatch, storage
+from orchestrator import db, storage
 from orchestrator.accounts import account_for_key
-from orchestrator.outbox import Publisher
+from orchestrator.scheduling import dispatch
+from orchestrator.scheduling.outbox import Publisher
 from orchestrator.settings import get_settings
 
 bearer = HTTPBearer(auto_error=False, description="an API key, or the admin token")

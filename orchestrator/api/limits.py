@@ -8,8 +8,9 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# The same bound as a Redis-queue message (orchestrator.messages.JOB_TEXT_MAX_BYTES): enough for
-# a tune's inline photos at a sensible size; larger sets go through POST /v1/images.
+# The same bound as a Redis-queue message
+# (orchestrator.ingress.messages.JOB_TEXT_MAX_BYTES): enough for a tune's inline photos at
+# a sensible size; larger sets go through POST /v1/images.
 BODY_BYTES_MAX: Final = 32 * 1024 * 1024
 EXEMPT_PATHS: Final = ("/v1/images",)
 

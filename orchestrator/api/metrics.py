@@ -19,8 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing.db import run_transaction
 from billing.tables import holds
-from orchestrator.families import CALLBACK_QUEUE, GPU_QUEUES
-from orchestrator.streams import DEAD_STREAM, JOBS_STREAM
+from orchestrator.ingress.streams import DEAD_STREAM, JOBS_STREAM
+from orchestrator.jobs.families import CALLBACK_QUEUE, GPU_QUEUES
 from orchestrator.tables import jobs
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,13 @@ from pydantic import BaseModel
 
 from billing import ledger
 from billing.db import run_transaction
-from orchestrator import accounts, retention, tunes
+from orchestrator import accounts
 from orchestrator.api.deps import Admin, EngineDep
 from orchestrator.api.schemas import AccountIn, AccountOut, ErrorOut, GrantIn, GrantOut
-from orchestrator.dispatch import get_publisher
-from orchestrator.outbox import relay
+from orchestrator.scheduling.dispatch import get_publisher
+from orchestrator.scheduling.outbox import relay
+from orchestrator.settlement import retention
+from orchestrator.tunes import service as tunes
 
 router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Admin])
 

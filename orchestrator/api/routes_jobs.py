@@ -12,7 +12,6 @@ from starlette.types import Message
 
 import billing
 from billing.db import run_transaction
-from orchestrator import jobs, states
 from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
 from orchestrator.api.schemas import (
     ErrorOut,
@@ -24,8 +23,10 @@ from orchestrator.api.schemas import (
     JobSpec,
     QuoteOut,
 )
-from orchestrator.images import IMAGE_BYTES_MAX, InvalidImage, store_image
-from orchestrator.outbox import relay_quietly
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs import states
+from orchestrator.jobs.images import IMAGE_BYTES_MAX, InvalidImage, store_image
+from orchestrator.scheduling.outbox import relay_quietly
 from orchestrator.tables import images
 
 router = APIRouter(prefix="/v1", tags=["jobs"])

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.api.deps import AccountId
 from orchestrator.api.schemas import ErrorOut
-from orchestrator.styles import get_catalogue
+from orchestrator.jobs.styles import get_catalogue
 
 
 @asynccontextmanager

@@ -7,10 +7,11 @@ from typing import Any, Final
 from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator import jobs, tunes
 from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
 from orchestrator.api.schemas import ErrorOut, InsufficientOut, JobOut
-from orchestrator.outbox import relay_quietly
+from orchestrator.jobs import service as jobs
+from orchestrator.scheduling.outbox import relay_quietly
+from orchestrator.tunes import service as tunes
 
 router = APIRouter(prefix="/v1", tags=["tunes"])
 

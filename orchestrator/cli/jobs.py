@@ -15,10 +15,11 @@ from typing import Any, Final
 import click
 
 import billing
-from orchestrator import jobs as job_service
-from orchestrator import states
 from orchestrator.cli.output import EXIT_BAD_INPUT, EXIT_FAILURE, fail, parse_json_arg, print_json
-from orchestrator.images import InvalidImage, UnknownImage
+from orchestrator.jobs import service as job_service
+from orchestrator.jobs import states
+from orchestrator.jobs.images import InvalidImage, UnknownImage
+from orchestrator.tunes import service as _tunes  # noqa: F401  (registers the tune family)
 
 EXIT_OK: Final = 0
 POLL_INTERVAL_S: Final = 0.5
@@ -181,8 +182,8 @@ def _relay(engine: Any, job_id: str) -> None:
     """Publish the job's task and event now (needs Redis; otherwise the re-publisher will)."""
     if not _redis_url():
         return
-    from orchestrator.dispatch import get_publisher
-    from orchestrator.outbox import relay_quietly
+    from orchestrator.scheduling.dispatch import get_publisher
+    from orchestrator.scheduling.outbox import relay_quietly
 
     relay_quietly(engine, get_publisher(), job_id)
 
@@ -297,8 +298,8 @@ def intake(
     name: str | None, batch_size: int, block_ms: int, claim_min_idle_ms: int, max_deliveries: int
 ) -> None:
     """Run a consumer of the tollgate:jobs stream until SIGTERM/SIGINT."""
-    from orchestrator.intake import consumer_from_settings, install_signal_handlers
-    from orchestrator.streams import IntakeConfig
+    from orchestrator.ingress.intake import consumer_from_settings, install_signal_handlers
+    from orchestrator.ingress.streams import IntakeConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = IntakeConfig(

@@ -103,7 +103,7 @@ def credits_grant(
     except billing.BillingError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     if result.created and kind == "tune_image":
-        from orchestrator.tunes import start_waiting_renders
+        from orchestrator.tunes.service import start_waiting_renders
 
         started = start_waiting_renders(get_engine(), account)
         if started:

@@ -9,8 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
-from orchestrator import jobs, states
 from orchestrator.api.app import create_app
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs import states
 from orchestrator.tables import jobs as jobs_table
 from tests.api_helpers import Headers, make_account
 

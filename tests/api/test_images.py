@@ -10,7 +10,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
-from orchestrator.images import IMAGE_BYTES_MAX
+from orchestrator.jobs.images import IMAGE_BYTES_MAX
 from orchestrator.tables import jobs as jobs_table
 from tests.api_helpers import (
     Headers,

@@ -1,6 +1,6 @@
 """The HTTP API's auth, admin, quote, submit, cancel and outputs routes against real
 PostgreSQL and Redis (no Celery worker: jobs stay queued or dispatched unless a test drives
-them through orchestrator.execution itself)."""
+them through orchestrator.execution.protocol itself)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from orchestrator import execution, states
+from orchestrator.execution import protocol as execution
+from orchestrator.jobs import states
 from orchestrator.storage import Storage
 from tests.api_helpers import (
     ADMIN,

@@ -10,7 +10,7 @@ import time
 import redis
 from PIL import Image
 
-from orchestrator.execution import RunContext
+from orchestrator.execution.protocol import RunContext
 from orchestrator.settings import get_settings
 
 PID_KEY = "tollgate:test:pid:{job_id}"

@@ -112,7 +112,7 @@ def validate(spec: Any) -> tuple[dict[str, Any], Quote]:
 
 
 def _tune_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
-    from orchestrator.styles import get_catalogue, pick_styles
+    from orchestrator.jobs.styles import get_catalogue, pick_styles
 
     _opt_str(spec, "name", TUNE_NAME_MAX_CHARS, required=True)
     if spec.get("subject") not in TUNE_SUBJECTS:

@@ -39,9 +39,8 @@ import redis
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from orchestrator import jobs
 from orchestrator.events import EVENTS_MAXLEN, EVENTS_STREAM
-from orchestrator.messages import (
+from orchestrator.ingress.messages import (
     PERMANENT_ERRORS,
     JobRequest,
     MalformedMessage,
@@ -49,9 +48,11 @@ from orchestrator.messages import (
     parse_job,
     refusal,
 )
-from orchestrator.outbox import Publisher, relay_quietly
+from orchestrator.ingress.streams import IntakeConfig
+from orchestrator.jobs import service as jobs
+from orchestrator.scheduling.outbox import Publisher, relay_quietly
 from orchestrator.storage import Storage
-from orchestrator.streams import IntakeConfig
+from orchestrator.tunes import service as _tunes  # noqa: F401  (registers the tune family)
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +394,7 @@ def connect(redis_url: str, config: IntakeConfig) -> redis.Redis:
 def consumer_from_settings(name: str | None = None, config: IntakeConfig | None = None) -> Consumer:
     """A consumer wired to this process's settings (TOLLGATE_DATABASE_URL, _REDIS_URL, ...)."""
     from orchestrator.db import get_engine
-    from orchestrator.dispatch import Publisher as DispatchPublisher
+    from orchestrator.scheduling.dispatch import Publisher as DispatchPublisher
     from orchestrator.settings import get_settings
     from orchestrator.storage import get_storage
 

@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 
 from orchestrator.events import append_event
-from orchestrator.families import CALLBACK_TASK, family_for
+from orchestrator.jobs.families import CALLBACK_TASK, family_for
 from orchestrator.settings import get_settings
 
 

@@ -24,7 +24,7 @@ from billing import InvalidJobSpec
 from billing.pricing import TUNE_RENDER_PROMPTS, TUNE_RENDER_STEPS_MAX
 from orchestrator.errors import OrchestratorError
 
-DEFAULT_PATH: Final = Path(__file__).parent / "data" / "styles.json"
+DEFAULT_PATH: Final = Path(__file__).parents[1] / "data" / "styles.json"
 CATALOGUE_VERSION: Final = 1
 STYLES_MIN: Final = 100
 PLACEHOLDER: Final = "{subject}"

@@ -15,8 +15,8 @@ from billing import ledger
 from billing.clock import utcnow
 from billing.db import run_transaction
 from billing.tables import accounts
-from orchestrator import states
-from orchestrator.jobs import lock_job, transition
+from orchestrator.jobs import states
+from orchestrator.jobs.records import lock_job, transition
 from orchestrator.settings import get_settings
 from orchestrator.storage import Storage
 from orchestrator.tables import tunes

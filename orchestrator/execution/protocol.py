@@ -32,10 +32,11 @@ from sqlalchemy.engine import Row
 
 from billing.clock import utcnow
 from billing.db import run_transaction
-from orchestrator import states
 from orchestrator.db import commit_without_flush_wait
 from orchestrator.errors import OrchestratorError
-from orchestrator.jobs import lock_job, settle, transition
+from orchestrator.jobs import states
+from orchestrator.jobs.records import lock_job, transition
+from orchestrator.settlement.settle import settle
 from orchestrator.storage import Storage
 from orchestrator.tables import job_results, jobs
 
@@ -111,7 +112,7 @@ class RunContext:
         return self.attempt.job_id
 
     def input_bytes(self) -> bytes:
-        from orchestrator.images import UnknownImage
+        from orchestrator.jobs.images import UnknownImage
 
         if self.attempt.input_key is None:
             raise UnknownImage(f"image_id: no image {self.spec.get('image_id')!r}")
@@ -236,7 +237,7 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
 
 
 def _input_key(conn: Connection, account_id: str, spec: dict[str, Any]) -> str | None:
-    from orchestrator.images import image_key
+    from orchestrator.jobs.images import image_key
 
     image_id = spec.get("image_id")
     if not isinstance(image_id, str):

@@ -11,8 +11,9 @@ from sqlalchemy import Connection, Engine, select
 from billing import ledger
 from billing.clock import utcnow
 from billing.db import run_transaction
-from orchestrator import states
-from orchestrator.jobs import lock_job, settler_for
+from orchestrator.jobs import states
+from orchestrator.jobs.records import lock_job
+from orchestrator.settlement.settle import settler_for
 from orchestrator.tables import jobs
 
 REAP_BATCH_MAX: Final = 200

@@ -25,13 +25,14 @@ from billing.clock import utcnow
 from billing.db import run_transaction
 from billing.pricing import TUNE_RENDER_IMAGES_PER_PROMPT, TUNE_RENDER_PROMPTS
 from billing.tables import accounts
-from orchestrator import outbox, states
-from orchestrator.deadlines import HOLD_GRACE_S, QUEUE_ALLOWANCE_S
 from orchestrator.errors import OrchestratorError
-from orchestrator.execution import Phase
-from orchestrator.images import decode_b64, image_key, store_image
-from orchestrator.jobs import JobNotFound, lock_job, transition, view
-from orchestrator.retention import expires_at_for
+from orchestrator.execution.protocol import Phase
+from orchestrator.jobs import kinds, states
+from orchestrator.jobs.deadlines import HOLD_GRACE_S, QUEUE_ALLOWANCE_S
+from orchestrator.jobs.images import decode_b64, image_key, store_image
+from orchestrator.jobs.records import JobNotFound, lock_job, transition, view
+from orchestrator.scheduling import outbox
+from orchestrator.settlement.retention import expires_at_for
 from orchestrator.storage import Storage
 from orchestrator.tables import jobs, tunes
 
@@ -108,7 +109,7 @@ def on_submit(
 def on_prompt_submit(conn: Connection, account_id: str, spec: dict[str, Any]) -> None:
     """A later render from a trained tune: check the tune (yours, trained, not expired) and
     complete the spec from it (prompt from the style, the tune's base model)."""
-    from orchestrator.styles import get_catalogue
+    from orchestrator.jobs.styles import get_catalogue
 
     tune = get_tune(conn, spec["tune_id"])
     if tune.account_id != account_id:
@@ -391,3 +392,11 @@ def tune_view(
         }
     )
     return out
+
+
+# The tune family's part of submit and settlement (the job service never imports tunes).
+kinds.register(
+    "tune",
+    kinds.Kind(after_hold=on_submit, settler_for=settler_for, takes_input_image=False),
+)
+kinds.register("tune_prompt", kinds.Kind(before_insert=on_prompt_submit))

@@ -1,4 +1,5 @@
 """The job service: submit, cancel, read. Each public function is one transaction.
+A job family's extra work at submit comes from `orchestrator.jobs.kinds`.
 
 Submit prices the spec, places the hold and writes the job row and its outbox messages in
 ONE transaction; the Celery task is published only after commit (outbox relay).
@@ -19,19 +20,18 @@ from sqlalchemy.engine import Row
 from billing import InsufficientCredits, InvalidJobSpec, ledger
 from billing.clock import utcnow
 from billing.db import run_transaction
-from orchestrator import outbox, specs, states
-from orchestrator.deadlines import deadline_s, hold_ttl_s
 from orchestrator.errors import OrchestratorError
-from orchestrator.images import decode_b64, image_key, store_image
+from orchestrator.jobs import kinds, specs, states
+from orchestrator.jobs.deadlines import deadline_s, hold_ttl_s
+from orchestrator.jobs.images import decode_b64, image_key, store_image
+from orchestrator.jobs.records import JobNotFound, event_payload, get_row, lock_job, view
+from orchestrator.scheduling import outbox
+from orchestrator.settlement.settle import settler_for
 from orchestrator.storage import Storage
 from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN, jobs
 
 LIST_LIMIT_MAX: Final = 100
 SOURCES: Final = ("http", "redis", "cli")
-
-
-class JobNotFound(OrchestratorError):
-    pass
 
 
 class IdempotencyConflict(OrchestratorError):
@@ -64,123 +64,6 @@ def new_job_id() -> str:
 def request_hash(spec: Any, callback_url: str | None) -> str:
     body = json.dumps({"spec": spec, "callback_url": callback_url}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
-
-
-def view(row: Row[Any]) -> dict[str, Any]:
-    """A job as clients see it (the API's and the events' shape)."""
-    outputs = [
-        {
-            "index": o["index"],
-            "url": f"/v1/jobs/{row.id}/outputs/{o['index']}",
-            **{k: o[k] for k in ("seed", "meta") if k in o},
-        }
-        for o in (row.outputs or [])
-        if o.get("delivered")
-    ]
-    undelivered = [
-        {"index": o["index"], "reason": o.get("reason")}
-        for o in (row.outputs or [])
-        if not o.get("delivered")
-    ]
-    return {
-        "id": row.id,
-        "account_id": row.account_id,
-        "type": row.type,
-        "status": row.status,
-        "progress": {"step": row.progress_step, "total": row.progress_total},
-        "price": {"credits": row.price, "credit_kind": row.credit_kind},
-        "charged": row.charged,
-        "refunded": row.refunded,
-        "outputs": outputs,
-        "undelivered": undelivered,
-        "error": row.error,
-        "created_at": row.created_at.isoformat(),
-        "updated_at": row.updated_at.isoformat(),
-        "started_at": row.started_at.isoformat() if row.started_at else None,
-        "finished_at": row.finished_at.isoformat() if row.finished_at else None,
-    }
-
-
-def event_payload(row: Row[Any]) -> dict[str, Any]:
-    return {
-        "job_id": row.id,
-        "account_id": row.account_id,
-        "type": row.type,
-        "status": row.status,
-        "charged": row.charged,
-        "refunded": row.refunded,
-        "error": row.error or "",
-        "at": row.updated_at.isoformat(),
-    }
-
-
-def lock_job(conn: Connection, job_id: str) -> Row[Any]:
-    row = conn.execute(select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
-    if row is None:
-        raise JobNotFound(job_id)
-    return row
-
-
-def transition(
-    conn: Connection,
-    job_id: str,
-    new_status: str,
-    now: datetime,
-    *,
-    current: str | None = None,
-    **values: Any,
-) -> Row[Any]:
-    """Move a locked job to `new_status`, announcing it through the outbox (event, and the
-    client's callback when the new state is terminal). `current` is the status the caller
-    read under the lock, when it has it (saves a read)."""
-    if current is None:
-        current = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one()
-    if current != new_status and not states.can_transition(current, new_status):
-        raise OrchestratorError(f"job {job_id}: {current} -> {new_status} is not allowed")
-    if states.is_terminal(new_status):
-        values.setdefault("finished_at", now)
-    row = conn.execute(
-        update(jobs)
-        .where(jobs.c.id == job_id)
-        .values(status=new_status, updated_at=now, **values)
-        .returning(*jobs.c)
-    ).one()
-    messages = [("event", event_payload(row))]
-    if states.is_terminal(new_status) and row.callback_url:
-        messages.append(("callback", {"url": row.callback_url, "job": view(row)}))
-    outbox.add_many(conn, job_id, messages)
-    return row
-
-
-def settle(
-    conn: Connection,
-    row: Row[Any],
-    status: str,
-    delivered: int,
-    now: datetime,
-    error: str | None = None,
-) -> Row[Any]:
-    """End a job: commit the hold for `delivered` outputs (at most the price) or release it.
-    The ledger resolves a hold once; the caller holds the job's row lock."""
-    charge = min(row.price, row.price_per_output * delivered)
-    hold = ledger.get_hold(conn, row.id)
-    if hold is not None and hold.status == "open":
-        hold = (
-            ledger.commit(conn, row.id, charge, now=now)
-            if charge
-            else ledger.release(conn, row.id, now=now)
-        )
-    charged = hold.committed if hold is not None else 0
-    return transition(
-        conn,
-        row.id,
-        status,
-        now,
-        current=row.status,
-        charged=charged,
-        refunded=row.price - charged,
-        error=error,
-    )
 
 
 def _insert_job(
@@ -270,11 +153,10 @@ def submit(
             return again
         ledger.get_account(conn, account_id)
         spec_ = dict(normalised)
-        if spec_["type"] == "tune_prompt":
-            from orchestrator.tunes import on_prompt_submit
-
-            on_prompt_submit(conn, account_id, spec_)
-        elif spec_["type"] != "tune":
+        kind = kinds.kind_for(spec_["type"])
+        if kind.before_insert is not None:
+            kind.before_insert(conn, account_id, spec_)
+        elif kind.takes_input_image:
             _resolve_image_input(conn, storage, account_id, spec_)
         now = utcnow()
         row = _insert_job(
@@ -303,10 +185,8 @@ def submit(
             ttl_s=hold_ttl_s(spec_),
             now=now,
         )
-        if spec_["type"] == "tune":
-            from orchestrator.tunes import on_submit
-
-            on_submit(conn, storage, job_id, account_id, spec_, now)
+        if kind.after_hold is not None:
+            kind.after_hold(conn, storage, job_id, account_id, spec_, now)
         outbox.add_many(
             conn,
             job_id,
@@ -369,15 +249,6 @@ def _record_rejection(
     run_transaction(engine, work)
 
 
-def settler_for(row: Row[Any]) -> Any:
-    """How to settle this job in its current phase (tunes have their own)."""
-    if row.type == "tune":
-        from orchestrator import tunes
-
-        return tunes.settler_for(row)
-    return settle
-
-
 def get(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any]:
     """A job, if it is `account_id`'s (None: any account, for operators)."""
 
@@ -391,16 +262,6 @@ def get(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any]:
     if row is None:
         raise JobNotFound(job_id)
     return view(row)
-
-
-def get_row(conn: Connection, account_id: str | None, job_id: str) -> Row[Any]:
-    stmt = select(jobs).where(jobs.c.id == job_id)
-    if account_id is not None:
-        stmt = stmt.where(jobs.c.account_id == account_id)
-    row = conn.execute(stmt).first()
-    if row is None:
-        raise JobNotFound(job_id)
-    return row
 
 
 def list_jobs(

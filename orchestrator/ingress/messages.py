@@ -1,5 +1,5 @@
 """Messages on the `tollgate:jobs` stream: parsing a job request (pure) and the dead-letter
-fields of a refusal. The consumer that reads the stream is orchestrator.intake."""
+fields of a refusal. The consumer that reads the stream is orchestrator.ingress.intake."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from billing import InsufficientCredits, InvalidJobSpec, UnknownAccount
-from orchestrator import jobs
-from orchestrator.images import InvalidImage, UnknownImage
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs.images import InvalidImage, UnknownImage
 from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN
 
 # Base64 of a 20 MiB input image plus the rest of the request.
