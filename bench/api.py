@@ -1,0 +1,279 @@
+"""Benchmark: one `tollgate api` process against a baseline endpoint of the same shape, in
+the same run, on the same PostgreSQL server, driven by the same load generator (wrk).
+
+1. Capacity of `POST /v1/jobs`: requests/s with wrk (4 connections), Tollgate / baseline.
+   Target >= 0.5. The baseline (bench/api_baseline.py) is FastAPI + uvicorn + pydantic +
+   psycopg 3 with a bearer-token check, one durable INSERT ... RETURNING and a 202 answer.
+2. Capacity of `GET /v1/jobs/{id}` against a baseline single-row SELECT. Target >= 0.5.
+3. Latency of `POST /v1/jobs` at a fixed rate (open loop, default 100 req/s) while a Celery
+   worker on the same box runs the submitted jobs. Target p99 <= 25 ms.
+
+Both servers are one uvicorn process with the same log level. Needs `wrk` (Debian).
+Usage: python bench/api.py [--seconds 8] [--connections 4] [--rate 100] [--rate-seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.ledger import bench_database, libpq_url  # noqa: E402
+from bench.lifecycle import ADMIN_URL, spawn, wait_log  # noqa: E402
+from billing import ledger  # noqa: E402
+from billing.db import make_engine, run_transaction  # noqa: E402
+from orchestrator import accounts  # noqa: E402
+from orchestrator.standalone import free_port  # noqa: E402
+
+BODY = '{"type": "txt2img", "prompt": "bench", "steps": 20}'
+SECONDS_MAX = 30
+RATE_MAX = 500
+JSON = {"Content-Type": "application/json"}
+WORKER_QUEUES = "gpu.txt2img,gpu.post,tollgate.maintenance,tollgate.callbacks,celery"
+
+
+def wrk(url: str, api_key: str, seconds: int, connections: int, post: bool | int) -> float:
+    """Requests/s that answered 2xx, from wrk; raises if any answer was not 2xx."""
+    script = Path(tempfile.mkdtemp()) / "req.lua"
+    method = "POST" if post else "GET"
+    script.write_text(
+        f'wrk.method = "{method}"\n'
+        f"wrk.body = {('[[' + BODY + ']]') if post else 'nil'}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {api_key}"\n'
+    )
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(min(2, connections)),
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds}s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
+    ).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw non-2xx answers from {url}:\n{out}")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"no Requests/sec in wrk output:\n{out}")
+    return float(found.group(1))
+
+
+def open_loop(url: str, api_key: str, rate: float, seconds: float) -> list[float]:
+    """POST at a fixed rate whatever the answers' timing; the latencies of the 202s."""
+    latencies: list[float] = []
+    failures: list[int] = []
+    lock = threading.Lock()
+
+    def one(client: httpx.Client) -> None:
+        t0 = time.perf_counter()
+        r = client.post("/v1/jobs", content=BODY, headers={"Content-Type": "application/json"})
+        elapsed = time.perf_counter() - t0
+        with lock:
+            (latencies.append(elapsed) if r.status_code == 202 else failures.append(r.status_code))
+
+    threads = []
+    with httpx.Client(
+        base_url=url,
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=30,
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+    ) as client:
+        start = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t = threading.Thread(target=one, args=(client,))
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(timeout=60)
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed: {sorted(set(failures))}")
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=8, help="wrk run length (<= 30)")
+    parser.add_argument("--connections", type=int, default=4, help="wrk connections (<= 64)")
+    parser.add_argument("--rate", type=float, default=100.0, help="open-loop req/s (<= 500)")
+    parser.add_argument("--rate-seconds", type=float, default=10.0, help="open-loop length")
+    parser.add_argument("--redis-db", type=int, default=13)
+    parser.add_argument(
+        "--profile", type=Path, help="write py-spy collapsed stacks of the POST run here"
+    )
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/api.py needs wrk: apt-get install wrk")
+    seconds = max(2, min(args.seconds, SECONDS_MAX))
+    connections = max(1, min(args.connections, 64))
+    rate = max(1.0, min(args.rate, RATE_MAX))
+    redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
+    logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"tollgate-bench-api-{secrets.token_hex(3)}"
+    logs.mkdir(parents=True)
+    with bench_database(None, ADMIN_URL) as db_url:
+        import redis
+
+        redis.Redis.from_url(redis_url).flushdb()
+        baseline_key = secrets.token_urlsafe(24)
+        env = {
+            **os.environ,
+            "TOLLGATE_DATABASE_URL": db_url,
+            "TOLLGATE_REDIS_URL": redis_url,
+            "TOLLGATE_STORAGE_URL": str(logs / "storage"),
+            "BASELINE_DATABASE_URL": libpq_url(db_url),
+            "BASELINE_API_KEY": baseline_key,
+            "PYTHONUNBUFFERED": "1",
+        }
+        os.environ.update({k: v for k, v in env.items() if k.startswith("TOLLGATE_")})
+        engine = make_engine(db_url)
+        new = accounts.create_account(engine, "bench", "business")
+        run_transaction(
+            engine,
+            lambda c: ledger.grant(
+                c, new.id, "image", 10_000_000, source="adjustment", reference=f"b-{new.id}"
+            ),
+        )
+        ours_port, base_port = free_port(), free_port()
+        ours_url, base_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{base_port}"
+        servers = [
+            spawn(
+                [sys.executable, "-m", "orchestrator", "api", "--port", str(ours_port)],
+                env,
+                logs / "api.log",
+            ),
+            spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "bench.api_baseline:app",
+                    "--port",
+                    str(base_port),
+                    "--log-level",
+                    "info",
+                ],
+                env,
+                logs / "baseline.log",
+            ),
+        ]
+        worker: subprocess.Popen[bytes] | None = None
+        try:
+            wait_log(logs / "api.log", b"Uvicorn running")
+            wait_log(logs / "baseline.log", b"Uvicorn running")
+            auth = {"Authorization": f"Bearer {new.api_key}", "Content-Type": "application/json"}
+            first = httpx.post(f"{ours_url}/v1/jobs", content=BODY, headers=auth)
+            if first.status_code != 202:
+                raise RuntimeError(f"POST /v1/jobs answered {first.status_code}: {first.text}")
+            ours_job = first.json()["id"]
+            base_job = httpx.post(
+                f"{base_url}/v1/jobs",
+                content=BODY,
+                headers={"Authorization": f"Bearer {baseline_key}", **JSON},
+            ).json()["id"]
+            # Warm both up, then measure alternately: baseline, Tollgate.
+            wrk(f"{base_url}/v1/jobs", baseline_key, 2, connections, post=True)
+            wrk(f"{ours_url}/v1/jobs", new.api_key, 2, connections, post=True)
+            base_post = wrk(f"{base_url}/v1/jobs", baseline_key, seconds, connections, True)
+            spy = None
+            if args.profile:
+                spy = subprocess.Popen(
+                    [
+                        str(Path(sys.executable).with_name("py-spy")),
+                        "record",
+                        "-p",
+                        str(servers[0].pid),
+                        "-d",
+                        str(seconds),
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(args.profile),
+                        "-r",
+                        "200",
+                        "-s",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
+            ours_post = wrk(f"{ours_url}/v1/jobs", new.api_key, seconds, connections, True)
+            if spy is not None:
+                spy.wait(timeout=60)
+            base_get = wrk(f"{base_url}/v1/jobs/{base_job}", baseline_key, seconds, connections, 0)
+            ours_get = wrk(f"{ours_url}/v1/jobs/{ours_job}", new.api_key, seconds, connections, 0)
+            worker = spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "bench.noop_app",
+                    "worker",
+                    "-Q",
+                    WORKER_QUEUES,
+                    "-c",
+                    "2",
+                    "-P",
+                    "prefork",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "-l",
+                    "warning",
+                ],
+                env,
+                logs / "worker.log",
+            )
+            time.sleep(5)  # the worker drains the backlog the capacity runs left
+            lat = open_loop(ours_url, new.api_key, rate, min(args.rate_seconds, SECONDS_MAX))
+        finally:
+            for p in [*servers, *([worker] if worker else [])]:
+                p.terminate()
+            for p in [*servers, *([worker] if worker else [])]:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            engine.dispose()
+    q = statistics.quantiles(lat, n=100)
+    print(f"one uvicorn process each; wrk {connections} connections x {seconds}s; logs {logs}")
+    print(f"{'measure':<44}{'tollgate':>10}{'baseline':>10}{'ratio':>8}  target")
+    for name, ours, base in (
+        ("POST /v1/jobs req/s", ours_post, base_post),
+        ("GET /v1/jobs/{id} req/s", ours_get, base_get),
+    ):
+        ratio = ours / base
+        verdict = "MET" if ratio >= 0.5 else "NOT MET"
+        print(f"{name:<44}{ours:>10.0f}{base:>10.0f}{ratio:>8.2f}  >= 0.5 {verdict}")
+    p99_ms = q[98] * 1000
+    print(
+        f"POST /v1/jobs at {rate:g}/s, worker busy: {len(lat)} accepted, p50 {q[49] * 1000:.1f} ms,"
+        f" p99 {p99_ms:.1f} ms  (target p99 <= 25 ms: {'MET' if p99_ms <= 25 else 'NOT MET'})"
+    )
+    print(f"(the machine has {os.cpu_count()} cores; servers, worker, wrk, PostgreSQL share them)")
+
+
+if __name__ == "__main__":
+    main()
