@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_VAR_DIR = Path("var")
@@ -35,6 +35,18 @@ class Settings(BaseSettings):
     # Training resolution; None: the base model's own (512 for SD 1.x).
     tune_train_size_px: int | None = Field(default=None, ge=64, le=1024, multiple_of=8)
     work_dir: Path = DEFAULT_VAR_DIR / "work"
+    # Leases (orchestrator.execution.leases): a running attempt's heartbeat renews its lease every
+    # renew interval for the TTL; beat sweeps for expired leases every sweep interval, so a
+    # dead worker's job is taken back within TTL + sweep interval.
+    lease_ttl_s: float = Field(default=30.0, gt=0, le=3600)
+    lease_renew_interval_s: float = Field(default=5.0, gt=0, le=600)
+    lease_sweep_interval_s: float = Field(default=5.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _renew_within_ttl(self) -> Settings:
+        if self.lease_renew_interval_s * 2 > self.lease_ttl_s:
+            raise ValueError("lease_renew_interval_s: must be at most half of lease_ttl_s")
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -63,6 +63,10 @@ jobs = Table(
     Column("attempt", Integer, nullable=False, server_default=text("0")),
     Column("lease_token", String(40), nullable=True),
     Column("worker", String(200), nullable=True),
+    # The lease: renewed by the running attempt's heartbeat; past it, the lease sweep takes
+    # the job back (settlement.lease_sweep). worker_pid: the process holding it on `worker`.
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("worker_pid", Integer, nullable=True),
     Column("cancel_requested", Boolean, nullable=False, server_default=false()),
     Column("deadline_at", UTCDateTime, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
@@ -72,6 +76,7 @@ jobs = Table(
     UniqueConstraint("account_id", "idempotency_key", name="uq_jobs_account_idempotency"),
     Index("ix_jobs_account_created", "account_id", "created_at"),
     Index("ix_jobs_status_deadline", "status", "deadline_at"),
+    Index("ix_jobs_status_lease", "status", "lease_expires_at"),
 )
 
 # Results as workers reported them, one row per attempt, including late ones (after the job
@@ -90,6 +95,25 @@ job_results = Table(
     Column("detail", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     UniqueConstraint("job_id", "phase", "attempt", name="uq_job_results_job_phase_attempt"),
+)
+
+# Every attempt of a job's phase (running, training, rendering) as operators see it: who ran
+# it, when, and how it ended (succeeded, failed, canceled, lease_expired, superseded, late;
+# NULL while it runs). Written by begin, finish and the lease sweep.
+job_attempts = Table(
+    "job_attempts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", String(JOB_ID_MAX_LEN), ForeignKey("jobs.id"), nullable=False),
+    Column("phase", String(20), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("worker", String(200), nullable=True),
+    Column("worker_pid", Integer, nullable=True),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("ended_at", UTCDateTime, nullable=True),
+    Column("outcome", String(20), nullable=True),
+    Column("detail", Text, nullable=True),
+    UniqueConstraint("job_id", "phase", "number", name="uq_job_attempts_job_phase_number"),
 )
 
 # Transactional outbox: written in the same transaction as the state change it announces,

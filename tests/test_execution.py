@@ -3,10 +3,12 @@ a cancel charges for outputs not yet recorded, and which transactions skip the W
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
+from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.db import commit_without_flush_wait
 from orchestrator.execution import protocol as execution
@@ -70,14 +72,34 @@ def test_cancel_charges_outputs_still_unrecorded(pg_engine: Engine, storage: Sto
     assert [o["index"] for o in job["outputs"]] == [0, 1]
 
 
+def expire_lease(engine: Engine, job_id: str) -> None:
+    """As if the lease holder stopped renewing: its lease ran out a moment ago."""
+    run_transaction(
+        engine,
+        lambda c: c.execute(
+            update(jobs_table)
+            .where(jobs_table.c.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        ),
+    )
+
+
 def test_a_superseded_attempt_records_nothing(pg_engine: Engine, storage: Storage) -> None:
     job_id, old = started(pg_engine, storage)
     old.deliver(0, b"png-0", {"seed": 1})
-    newer = execution.begin(pg_engine, job_id, "another-worker")  # a redelivery takes over
+    # A duplicate delivery while the lease is live leaves the job alone...
+    assert execution.begin(pg_engine, job_id, "another-worker") is None
+    expire_lease(pg_engine, job_id)
+    newer = execution.begin(pg_engine, job_id, "another-worker")  # ...once it expired: taken
     assert newer is not None
     assert execution.finish(pg_engine, old.attempt, states.SUCCEEDED, ctx=old) == states.RUNNING
     assert outputs(pg_engine, job_id) == []
     execution.finish(pg_engine, newer, states.FAILED, "test over")  # leave nothing active
+    attempts = jobs.get(pg_engine, old.attempt.account_id, job_id)["attempts"]
+    assert [(a["number"], a["worker"], a["outcome"]) for a in attempts] == [
+        (1, "test-worker", "lease_expired"),
+        (2, "another-worker", "failed"),
+    ]
 
 
 def test_commit_without_flush_wait_is_for_one_transaction_only(pg_engine: Engine) -> None:

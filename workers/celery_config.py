@@ -16,6 +16,7 @@ from orchestrator.jobs.families import (
     MAINTENANCE_QUEUE,
     VISIBILITY_TIMEOUT_S,
 )
+from orchestrator.settings import get_settings
 
 TASK_MODULES = (
     "workers.txt2img",
@@ -39,6 +40,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
     routes[CALLBACK_TASK] = {"queue": CALLBACK_QUEUE}
     routes["tollgate.reap"] = {"queue": MAINTENANCE_QUEUE}
     routes["tollgate.republish"] = {"queue": MAINTENANCE_QUEUE}
+    routes["tollgate.leases"] = {"queue": MAINTENANCE_QUEUE}
     routes["tollgate.tunes"] = {"queue": MAINTENANCE_QUEUE}
     app.conf.update(
         task_acks_late=True,
@@ -69,6 +71,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
             for name, task, every_s in (
                 ("reap", "tollgate.reap", REAP_INTERVAL_S),
                 ("republish", "tollgate.republish", REPUBLISH_INTERVAL_S),
+                ("leases", "tollgate.leases", get_settings().lease_sweep_interval_s),
                 ("tunes", "tollgate.tunes", TUNES_INTERVAL_S),
             )
         },

@@ -1,15 +1,17 @@
-"""Beat tasks: the reaper and the outbox re-publisher."""
+"""Beat tasks: the reaper, the lease sweep and the outbox re-publisher."""
 
 from __future__ import annotations
 
 from orchestrator.db import get_engine
 from orchestrator.scheduling.dispatch import get_publisher
-from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.outbox import relay, relay_quietly
+from orchestrator.settlement.lease_sweep import sweep
 from orchestrator.settlement.reaper import reap
 from orchestrator.settlement.retention import sweep_expired
 from orchestrator.storage import get_storage
 from orchestrator.tunes.service import start_waiting_renders
 from workers.app import app
+from workers.metrics import count_recoveries
 
 # Messages younger than this are left to the fast path of the process that wrote them.
 REPUBLISH_MIN_AGE_S = 2.0
@@ -18,6 +20,20 @@ REPUBLISH_MIN_AGE_S = 2.0
 @app.task(name="tollgate.reap")
 def reap_task() -> int:
     return len(reap(get_engine()))
+
+
+@app.task(name="tollgate.leases")
+def leases_task() -> dict[str, int]:
+    """Take back jobs whose lease expired (cancel, dispatch again, or fail and refund)."""
+    engine = get_engine()
+    recovered = sweep(engine)
+    count_recoveries(recovered)
+    if recovered:
+        relay_quietly(engine, get_publisher(), [r.job_id for r in recovered])
+    return {
+        action: sum(1 for r in recovered if r.action == action)
+        for action in ("redispatched", "canceled", "failed")
+    }
 
 
 @app.task(name="tollgate.republish")

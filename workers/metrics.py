@@ -5,6 +5,8 @@
     tollgate_worker_jobs_running{family}                  tasks running now
     tollgate_worker_model_loads_total{model}              models loaded into the warm cache
     tollgate_worker_gpu_memory_bytes{device,kind}         CUDA memory: allocated / reserved / peak
+    tollgate_leases_expired_total{family}                 leases the sweep found expired
+    tollgate_jobs_redispatched_total{family}              jobs the sweep dispatched again
 
 `outcome` is the job's status the task returned (succeeded, failed, canceled, skipped: a
 duplicate delivery) or, when the task itself raised, `error` (time limits included), or
@@ -75,6 +77,14 @@ GPU_MEMORY = Gauge(
     multiprocess_mode="livesum",
 )
 
+# Counted where the lease sweep runs (the maintenance queue's worker): see count_recoveries.
+LEASES_EXPIRED = Counter(
+    "tollgate_leases_expired", "Job leases found expired (worker lost)", ["family"]
+)
+REDISPATCHED = Counter(
+    "tollgate_jobs_redispatched", "Jobs dispatched again after their lease expired", ["family"]
+)
+
 _started: dict[str, float] = {}
 _loads_seen: dict[str, int] = {}
 
@@ -138,6 +148,14 @@ def _on_failure(sender: Any = None, task_id: str | None = None, **_: Any) -> Non
 @task_revoked.connect
 def _on_revoked(request: Any = None, **_: Any) -> None:
     _record(getattr(request, "id", None), getattr(request, "task", None), "revoked")
+
+
+def count_recoveries(recovered: list[Any]) -> None:
+    """Count what a lease sweep did (orchestrator.settlement.lease_sweep.Recovery items)."""
+    for r in recovered:
+        LEASES_EXPIRED.labels(r.family).inc()
+        if r.action == "redispatched":
+            REDISPATCHED.labels(r.family).inc()
 
 
 def observe_models() -> None:

@@ -86,6 +86,20 @@ class UndeliveredOut(BaseModel):
     reason: str | None
 
 
+class AttemptOut(BaseModel):
+    """One attempt at a job's phase (running; training or rendering for a tune)."""
+
+    number: int
+    phase: str
+    worker: str | None
+    started_at: str
+    ended_at: str | None
+    # succeeded, failed, canceled, lease_expired (its worker stopped renewing the lease),
+    # worker_lost, superseded, late; null while it runs.
+    outcome: str | None
+    detail: str | None
+
+
 class JobOut(BaseModel):
     id: str
     account_id: str
@@ -103,6 +117,8 @@ class JobOut(BaseModel):
     updated_at: str
     started_at: str | None
     finished_at: str | None
+    # GET /v1/jobs/{id} only (empty in lists): every attempt, oldest first.
+    attempts: list[AttemptOut] = []
 
 
 class JobList(BaseModel):

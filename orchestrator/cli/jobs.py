@@ -244,6 +244,14 @@ def jobs_show(job_id: str, as_json: bool) -> None:
     click.echo(f"{'charged':<12}{job['charged']} (refunded {job['refunded']})")
     click.echo(f"{'progress':<12}{job['progress']['step']}/{job['progress']['total']}")
     click.echo(f"{'outputs':<12}{len(job['outputs'])}")
+    if job.get("attempts"):
+        click.echo("attempts")
+        click.echo(f"  {'#':<3}{'phase':<10}{'worker':<28}{'started':<34}{'ended':<34}outcome")
+        for a in job["attempts"]:
+            click.echo(
+                f"  {a['number']:<3}{a['phase']:<10}{(a['worker'] or '-'):<28}"
+                f"{a['started_at']:<34}{(a['ended_at'] or '-'):<34}{a['outcome'] or 'running'}"
+            )
 
 
 @jobs.command("list")

@@ -1,9 +1,11 @@
 """Running a job on a worker, safely under duplicate delivery and crashes.
 
 Protocol (each step its own transaction, under the job's row lock):
-1. `begin`: a delivery takes the job: a new attempt number and lease token. A job that has
-   already ended is left alone (duplicate delivery: no-op). A job that is `running` is taken
-   over (its previous worker died, or is a duplicate that will notice it lost the lease).
+1. `begin`: a delivery takes the job: a new attempt number and a lease token with an expiry
+   (orchestrator.execution.leases), renewed by a heartbeat thread while the runner works. A job that
+   has already ended, or whose lease another attempt holds, is left alone (a duplicate
+   delivery: no-op). A `running` job whose lease expired, or whose holder was a process of
+   this worker that is gone, is taken over.
 2. The runner reports progress per step (`RunContext.progress`): every call checks the lease
    and the cancel flag, so a superseded or canceled run stops at its next step. Outputs are
    stored as they are delivered and recorded on the job with the next throttled progress
@@ -20,6 +22,7 @@ read per step and a progress write at most every PROGRESS_WRITE_INTERVAL_S.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -34,15 +37,18 @@ from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.db import commit_without_flush_wait
 from orchestrator.errors import OrchestratorError
+from orchestrator.execution import leases
+from orchestrator.execution.heartbeat import Heartbeat
+from orchestrator.execution.leases import ATTEMPTS_MAX as ATTEMPTS_MAX  # re-exported
 from orchestrator.jobs import states
 from orchestrator.jobs.records import lock_job, transition
+from orchestrator.settings import get_settings
 from orchestrator.settlement.settle import settle
 from orchestrator.storage import Storage
 from orchestrator.tables import job_results, jobs
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS_MAX: Final = 3
 PROGRESS_WRITE_INTERVAL_S: Final = 0.25
 
 
@@ -94,6 +100,8 @@ class RunContext:
     storage: Storage
     attempt: Attempt
     on_progress: Callable[[int, int], None] | None = None
+    # The lease's heartbeat (execute starts it); once it is lost the run stops.
+    heartbeat: Heartbeat | None = None
     delivered: int = 0
     # Outputs stored but not yet recorded on the job row (recorded by the next progress
     # write or by finish), and the last progress reported.
@@ -138,6 +146,8 @@ class RunContext:
         outputs delivered since the last write) is written at most once per interval; the
         final figures are written by `finish`."""
         self.step, self.total = step, total
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            raise JobStopped("superseded")
         now = time.monotonic()
         write = now - self._last_write >= PROGRESS_WRITE_INTERVAL_S
         pending = list(self.unrecorded) if write else []
@@ -200,6 +210,17 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
         if row.status not in phase.startable:
             return None  # ended, or in another phase: a stale or duplicate delivery
         now = utcnow()
+        taking_over = row.status == phase.running_status and row.lease_token is not None
+        if taking_over and leases.is_live(row, now):
+            if not leases.holder_gone(row, worker):
+                return None  # another attempt holds a live lease: a duplicate delivery
+            outcome = leases.WORKER_LOST
+        else:
+            outcome = leases.LEASE_EXPIRED
+        if taking_over:
+            leases.end_attempt(
+                conn, job_id, row.status, row.attempt, outcome, now, f"taken over by {worker}"
+            )
         if row.cancel_requested:
             delivered = sum(1 for o in row.outputs if o.get("delivered"))
             phase.settle(conn, row, states.CANCELED, delivered, now, "canceled by the client")
@@ -225,10 +246,13 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
             attempt=row.attempt + 1,
             lease_token=token,
             worker=worker[:200],
+            worker_pid=os.getpid(),
+            lease_expires_at=leases.lease_expiry(now),
             started_at=now,
             outputs=[],
             progress_step=0,
         )
+        leases.start_attempt(conn, row, phase.running_status, row.attempt + 1, worker, now)
         # Only a lease is at stake: if a crash loses it, the job is redelivered or reaped.
         commit_without_flush_wait(conn)
         return Attempt(job_id, row.attempt + 1, token, dict(row.spec), row.account_id, input_key)
@@ -275,6 +299,11 @@ def finish(
                     update(jobs).where(jobs.c.id == row.id).values(**values).returning(*jobs.c)
                 ).one()
         delivered = [o for o in row.outputs if o.get("delivered")]
+        if current:
+            ended = outcome
+        else:
+            ended = leases.LATE if states.is_terminal(row.status) else leases.SUPERSEDED
+        leases.end_attempt(conn, row.id, phase.running_status, attempt.number, ended, now, error)
         conn.execute(
             insert(job_results).values(
                 job_id=row.id,
@@ -326,7 +355,26 @@ def execute(
     attempt = begin(engine, job_id, worker, phase)
     if attempt is None:
         return {"job_id": job_id, "status": "skipped"}
-    ctx = RunContext(engine, storage, attempt, on_progress)
+    heartbeat = Heartbeat(
+        engine, job_id, attempt.token, get_settings().lease_renew_interval_s
+    ).start()
+    try:
+        return _run(engine, storage, attempt, runner, on_progress, phase, heartbeat)
+    finally:
+        heartbeat.stop()  # after finish: the lease is held until the result is applied
+
+
+def _run(
+    engine: Engine,
+    storage: Storage,
+    attempt: Attempt,
+    runner: Runner,
+    on_progress: Callable[[int, int], None] | None,
+    phase: Phase,
+    heartbeat: Heartbeat,
+) -> dict[str, Any]:
+    job_id = attempt.job_id
+    ctx = RunContext(engine, storage, attempt, on_progress, heartbeat)
     try:
         runner(ctx)
     except JobStopped as stop:

@@ -21,11 +21,13 @@ from billing import InsufficientCredits, InvalidJobSpec, ledger
 from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.errors import OrchestratorError
+from orchestrator.execution import leases
 from orchestrator.jobs import kinds, specs, states
 from orchestrator.jobs.deadlines import deadline_s, hold_ttl_s
 from orchestrator.jobs.images import decode_b64, image_key, store_image
 from orchestrator.jobs.records import JobNotFound, event_payload, get_row, lock_job, view
 from orchestrator.scheduling import outbox
+from orchestrator.settlement import lease_sweep
 from orchestrator.settlement.settle import settler_for
 from orchestrator.storage import Storage
 from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN, jobs
@@ -250,18 +252,19 @@ def _record_rejection(
 
 
 def get(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any]:
-    """A job, if it is `account_id`'s (None: any account, for operators)."""
+    """A job, if it is `account_id`'s (None: any account, for operators), with its attempts."""
 
-    def work(conn: Connection) -> Row[Any] | None:
+    def work(conn: Connection) -> dict[str, Any] | None:
         stmt = select(jobs).where(jobs.c.id == job_id)
         if account_id is not None:
             stmt = stmt.where(jobs.c.account_id == account_id)
-        return conn.execute(stmt).first()
+        row = conn.execute(stmt).first()
+        return None if row is None else {**view(row), "attempts": leases.attempts(conn, job_id)}
 
-    row = run_transaction(engine, work)
-    if row is None:
+    found = run_transaction(engine, work)
+    if found is None:
         raise JobNotFound(job_id)
-    return view(row)
+    return found
 
 
 def list_jobs(
@@ -291,12 +294,16 @@ def cancel(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any
         if row.status in (states.QUEUED, states.DISPATCHED, states.AWAITING_CREDITS):
             return settle_(conn, row, states.CANCELED, 0, now, "canceled by the client")
         if row.status in (states.RUNNING, states.TRAINING, states.RENDERING):
-            conn.execute(
+            row = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)
                 .values(cancel_requested=True, updated_at=now)
-            )
-            return conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+                .returning(*jobs.c)
+            ).one()
+            if leases.is_expired(row, now):  # its worker is gone: nobody else will stop it
+                lease_sweep.recover(conn, row, now)
+                return conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+            return row
         if row.status == states.CANCELED:
             return row
         raise CannotCancel(f"job {job_id} is already {row.status}")

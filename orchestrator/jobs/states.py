@@ -41,9 +41,10 @@ TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     QUEUED: frozenset({DISPATCHED, RUNNING, TRAINING} | _ENDINGS),
     # A task can reach a worker before the dispatcher has recorded `dispatched`.
     DISPATCHED: frozenset({RUNNING, TRAINING} | _ENDINGS),
-    # X -> X: a redelivered task takes the job over with a new attempt.
-    RUNNING: frozenset({RUNNING} | _ENDINGS),
-    TRAINING: frozenset({TRAINING, AWAITING_CREDITS, RENDERING} | _ENDINGS - {SUCCEEDED}),
+    # X -> X: a redelivered task takes the job over with a new attempt. -> queued: the lease
+    # sweep dispatches a job whose worker was lost again (settlement.lease_sweep.requeue).
+    RUNNING: frozenset({RUNNING, QUEUED} | _ENDINGS),
+    TRAINING: frozenset({TRAINING, QUEUED, AWAITING_CREDITS, RENDERING} | _ENDINGS - {SUCCEEDED}),
     AWAITING_CREDITS: frozenset({RENDERING, CANCELED, EXPIRED}),
     RENDERING: frozenset({RENDERING} | _ENDINGS),
     # A succeeded tune expires when the retention sweeper deletes its weights.
