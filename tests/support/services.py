@@ -61,6 +61,19 @@ def celery_worker(
 
 
 @contextmanager
+def celery_beat(
+    env: dict[str, str], log_dir: Path, *, app: str = "tests.support.worker_app"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Celery beat with the product's schedule (its intervals from `env`)."""
+    log_path = log_dir / f"beat-{secrets.token_hex(3)}.log"
+    schedule = log_dir / f"beat-{secrets.token_hex(3)}.schedule"
+    argv = [sys.executable, "-m", "celery", "-A", app, "beat", "-s", str(schedule), "-l", "info"]
+    with open(log_path, "wb") as log, _running(argv, env, log) as proc:
+        _wait_ready(log_path, proc, marker=b"beat: Starting")
+        yield proc
+
+
+@contextmanager
 def _running(argv: list[str], env: dict[str, str], log: Any) -> Iterator[subprocess.Popen[bytes]]:
     """A child process, terminated (then killed) on exit."""
     proc = subprocess.Popen(
@@ -81,12 +94,12 @@ def _running(argv: list[str], env: dict[str, str], log: Any) -> Iterator[subproc
             proc.wait()
 
 
-def _wait_ready(log_path: Path, proc: subprocess.Popen[bytes]) -> None:
+def _wait_ready(log_path: Path, proc: subprocess.Popen[bytes], marker: bytes = b"ready.") -> None:
     deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited: {log_path.read_text()[-3000:]}")
-        if b"ready." in log_path.read_bytes():
+        if marker in log_path.read_bytes():
             return
         time.sleep(0.1)
     raise RuntimeError(f"worker not ready: {log_path.read_text()[-3000:]}")
@@ -105,3 +118,9 @@ def wait_for_pid(redis_url: str, job_id: str, timeout_s: float = 30) -> int:
 
 def kill(pid: int) -> None:
     os.kill(pid, 9)
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of a process (a pool child's worker main process)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])

@@ -1,0 +1,246 @@
+"""Leases end to end: real PostgreSQL, Redis, Celery worker processes and beat, with short
+lease settings (TTL 3 s, renewed every 1 s, swept every 1 s).
+
+A worker whose main process is SIGKILLed (its pool child dies with it) stops renewing; the
+sweep dispatches the job again to another worker, which runs it as a new attempt on the same
+hold. The dead worker's own message, redelivered later, is a no-op."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import Engine, update
+
+from billing import ledger
+from billing.clock import utcnow
+from billing.db import run_transaction
+from billing.verify import verify
+from orchestrator import execution, jobs, leases
+from orchestrator.dispatch import Publisher
+from orchestrator.heartbeat import Heartbeat
+from orchestrator.storage import Storage
+from orchestrator.tables import jobs as jobs_table
+from tests.ledger_helpers import grant, new_account
+from tests.lifecycle_helpers import available, results, row, submit, wait_terminal, wait_until
+from tests.support.behaviours import GATE_KEY
+from tests.support.services import celery_beat, celery_worker, kill, parent_pid, wait_for_pid
+
+LEASE_ENV = {
+    "TOLLGATE_LEASE_TTL_S": "3",
+    "TOLLGATE_LEASE_RENEW_INTERVAL_S": "1",
+    "TOLLGATE_LEASE_SWEEP_INTERVAL_S": "1",
+}
+TTL_S, SWEEP_S = 3.0, 1.0
+# Recovery within TTL + one sweep, plus dispatch and the run (both well under a second here)
+# and slack for a loaded 2-core test machine.
+RECOVERY_BOUND_S = TTL_S + SWEEP_S + 6.0
+
+
+def txt2img(test: str, num_images: int = 1) -> dict[str, Any]:
+    return {
+        "type": "txt2img",
+        "prompt": "a lighthouse",
+        "width": 512,
+        "height": 512,
+        "steps": 20,
+        "num_images": num_images,
+        "test": test,
+    }
+
+
+class Workers:
+    """Celery workers (-c 1) on every queue; killed ones are replaced on demand."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env, self.log_dir = env, log_dir
+        self.stack = contextlib.ExitStack()
+        self.running: dict[int, Any] = {}
+
+    def ensure(self, count: int) -> None:
+        for pid in [p for p, proc in self.running.items() if proc.poll() is not None]:
+            del self.running[pid]
+        while len(self.running) < count:
+            proc = self.stack.enter_context(celery_worker(self.env, self.log_dir, concurrency=1))
+            self.running[proc.pid] = proc
+
+    def kill_holder(self, child_pid: int) -> None:
+        """SIGKILL the main process of the worker whose pool child is `child_pid`."""
+        main = parent_pid(child_pid)
+        assert main in self.running, "the job ran on none of this module's workers"
+        kill(main)
+        self.running[main].wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the child dies with it (PDEATHSIG)
+            try:
+                parent_pid(child_pid)
+            except FileNotFoundError:
+                return
+            time.sleep(0.05)
+        raise AssertionError("the pool child outlived its worker")
+
+
+@pytest.fixture(scope="module")
+def lease_env(service_env: dict[str, str]) -> dict[str, str]:
+    return {**service_env, **LEASE_ENV}
+
+
+@pytest.fixture(scope="module")
+def workers(
+    lease_env: dict[str, str], settings_env: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Workers]:
+    log_dir = tmp_path_factory.mktemp("lease-logs")
+    pool = Workers(lease_env, log_dir)
+    with pool.stack, celery_beat(lease_env, log_dir):
+        pool.ensure(2)
+        yield pool
+
+
+@pytest.fixture
+def account(pg_engine: Engine) -> str:
+    acc = new_account(pg_engine)
+    grant(pg_engine, acc, 20)
+    return acc
+
+
+def outcomes(job: dict[str, Any]) -> list[tuple[int, str | None]]:
+    return [(a["number"], a["outcome"]) for a in job["attempts"]]
+
+
+def expire_lease(engine: Engine, job_id: str) -> None:
+    run_transaction(
+        engine,
+        lambda c: c.execute(
+            update(jobs_table)
+            .where(jobs_table.c.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        ),
+    )
+
+
+# --------------------------------------------------------------------- in process
+
+
+def test_a_lost_heartbeat_stops_the_runner_at_its_next_step(
+    pg_engine: Engine, storage: Storage, account: str
+) -> None:
+    job_id = jobs.submit(pg_engine, storage, account, txt2img("ok")).job["id"]
+    attempt = execution.begin(pg_engine, job_id, "worker-a")
+    assert attempt is not None
+    first_expiry = row(pg_engine, job_id).lease_expires_at
+    beat = Heartbeat(pg_engine, job_id, attempt.token, interval_s=0.05).start()
+    ctx = execution.RunContext(pg_engine, storage, attempt, heartbeat=beat)
+    try:
+        wait_until(pg_engine, job_id, lambda r: r.lease_expires_at > first_expiry, timeout_s=5)
+        expire_lease(pg_engine, job_id)
+        taker = execution.begin(pg_engine, job_id, "worker-b")  # the old token is gone
+        assert taker is not None
+        deadline = time.monotonic() + 5
+        while not beat.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(execution.JobStopped, match="superseded"):
+            ctx.progress(1, 1)
+    finally:
+        beat.stop()
+    execution.finish(pg_engine, taker, "failed", "test over")
+    assert outcomes(jobs.get(pg_engine, account, job_id)) == [(1, "lease_expired"), (2, "failed")]
+
+
+def test_attempts_exhausted_fail_and_refund(
+    pg_engine: Engine, storage: Storage, account: str
+) -> None:
+    job_id = jobs.submit(pg_engine, storage, account, txt2img("ok", num_images=2)).job["id"]
+    for _ in range(execution.ATTEMPTS_MAX):
+        assert execution.begin(pg_engine, job_id, "worker-a") is not None
+        expire_lease(pg_engine, job_id)
+        leases.sweep(pg_engine)  # (beat's sweep may get there first: same result)
+        wait_until(pg_engine, job_id, lambda r: r.status != "running", timeout_s=5)
+    done = row(pg_engine, job_id)
+    assert (done.status, done.charged, done.refunded) == ("failed", 0, 2)
+    assert "gave up after 3 attempts" in done.error
+    assert outcomes(jobs.get(pg_engine, account, job_id)) == [
+        (n, "lease_expired") for n in (1, 2, 3)
+    ]
+    hold = run_transaction(pg_engine, lambda c: ledger.get_hold(c, job_id))
+    assert hold is not None and (hold.status, hold.committed) == ("released", 0)
+    assert available(pg_engine, account) == 20
+
+
+# --------------------------------------------------------------------- real workers
+
+
+def test_killed_worker_job_recovered_on_another_worker_and_charged_once(
+    workers: Workers, pg_engine: Engine, storage: Storage, redis_url: str, account: str
+) -> None:
+    workers.ensure(2)
+    job_id = submit(pg_engine, storage, redis_url, account, txt2img("gate", num_images=2))
+    child = wait_for_pid(redis_url, job_id)
+    first = row(pg_engine, job_id)
+    assert (first.status, first.attempt) == ("running", 1)
+    workers.kill_holder(child)
+    killed_at = time.monotonic()
+    redis.Redis.from_url(redis_url).set(GATE_KEY.format(job_id=job_id), 1, ex=600)
+
+    done = wait_terminal(pg_engine, job_id, timeout_s=RECOVERY_BOUND_S + 10)
+    took_s = time.monotonic() - killed_at
+    assert took_s <= RECOVERY_BOUND_S, f"recovered in {took_s:.1f} s"
+    assert (done.status, done.charged, done.refunded, done.attempt) == ("succeeded", 2, 0, 2)
+    assert done.worker != first.worker  # another worker ran it
+    view = jobs.get(pg_engine, account, job_id)
+    assert outcomes(view) == [(1, "lease_expired"), (2, "succeeded")]
+    assert view["attempts"][0]["worker"] == first.worker and view["attempts"][0]["ended_at"]
+    assert [r.applied for r in results(pg_engine, job_id)] == [True]
+    assert available(pg_engine, account) == 18
+
+    # The dead worker's own message, redelivered hours later (visibility timeout): a no-op.
+    Publisher(redis_url)("dispatch", {"job_id": job_id, "type": "txt2img"})
+    marker = submit(pg_engine, storage, redis_url, account, txt2img("ok"))
+    wait_terminal(pg_engine, marker)  # one worker left on the queue: the duplicate ran first
+    assert row(pg_engine, job_id).attempt == 2
+    assert outcomes(jobs.get(pg_engine, account, job_id)) == [
+        (1, "lease_expired"),
+        (2, "succeeded"),
+    ]
+    assert len(results(pg_engine, job_id)) == 1
+    assert available(pg_engine, account) == 17
+    assert run_transaction(pg_engine, verify) == []
+
+
+def test_a_long_model_call_keeps_its_lease_and_a_duplicate_leaves_it_alone(
+    workers: Workers, pg_engine: Engine, storage: Storage, redis_url: str, account: str
+) -> None:
+    workers.ensure(2)
+    job_id = submit(pg_engine, storage, redis_url, account, txt2img("block:5"))
+    wait_for_pid(redis_url, job_id)
+    # A duplicate delivery while the attempt runs (on the other worker): its lease is live.
+    Publisher(redis_url)("dispatch", {"job_id": job_id, "type": "txt2img"})
+    done = wait_terminal(pg_engine, job_id, timeout_s=30)  # 5 s without progress > TTL 3 s
+    assert (done.status, done.charged, done.attempt) == ("succeeded", 1, 1)
+    assert outcomes(jobs.get(pg_engine, account, job_id)) == [(1, "succeeded")]
+    assert len(results(pg_engine, job_id)) == 1
+    assert run_transaction(pg_engine, verify) == []
+
+
+def test_cancel_of_a_job_whose_worker_died_ends_it_within_the_ttl(
+    workers: Workers, pg_engine: Engine, storage: Storage, redis_url: str, account: str
+) -> None:
+    workers.ensure(2)
+    job_id = submit(pg_engine, storage, redis_url, account, txt2img("gate", num_images=3))
+    child = wait_for_pid(redis_url, job_id)
+    workers.kill_holder(child)
+    canceled_at = time.monotonic()
+    assert jobs.cancel(pg_engine, account, job_id)["status"] == "running"  # lease still live
+    done = wait_terminal(pg_engine, job_id, timeout_s=RECOVERY_BOUND_S + 10)
+    assert time.monotonic() - canceled_at <= TTL_S + SWEEP_S + 3.0
+    assert (done.status, done.charged, done.refunded) == ("canceled", 0, 3)
+    assert outcomes(jobs.get(pg_engine, account, job_id)) == [(1, "lease_expired")]
+    hold = run_transaction(pg_engine, lambda c: ledger.get_hold(c, job_id))
+    assert hold is not None and hold.status == "released"
+    assert available(pg_engine, account) == 20
+    assert run_transaction(pg_engine, verify) == []
