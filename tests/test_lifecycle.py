@@ -146,6 +146,10 @@ def test_worker_killed_mid_job_is_redelivered_and_settled_once(
     done = wait_terminal(ctx.engine, job_id, timeout_s=60)
     assert (done.status, done.charged, done.attempt) == ("succeeded", 1, 2)
     assert [r.applied for r in results(ctx.engine, job_id)] == [True]
+    # Redelivered to the same worker node, whose killed child held a live lease: taken over
+    # at once instead of after the lease TTL.
+    attempts = jobs.get(ctx.engine, account, job_id)["attempts"]
+    assert [(a["number"], a["outcome"]) for a in attempts] == [(1, "worker_lost"), (2, "succeeded")]
     assert available(ctx.engine, account) == 19
     assert run_transaction(ctx.engine, verify) == []
 
