@@ -22,9 +22,11 @@ from billing import ledger
 from billing.clock import utcnow
 from billing.db import run_transaction
 from billing.verify import verify
-from orchestrator import execution, jobs, leases
-from orchestrator.dispatch import Publisher
-from orchestrator.heartbeat import Heartbeat
+from orchestrator.execution import protocol as execution
+from orchestrator.execution.heartbeat import Heartbeat
+from orchestrator.jobs import service as jobs
+from orchestrator.scheduling.dispatch import Publisher
+from orchestrator.settlement import lease_sweep
 from orchestrator.storage import Storage
 from orchestrator.tables import jobs as jobs_table
 from tests.ledger_helpers import grant, new_account
@@ -159,7 +161,7 @@ def test_attempts_exhausted_fail_and_refund(
     for _ in range(execution.ATTEMPTS_MAX):
         assert execution.begin(pg_engine, job_id, "worker-a") is not None
         expire_lease(pg_engine, job_id)
-        leases.sweep(pg_engine)  # (beat's sweep may get there first: same result)
+        lease_sweep.sweep(pg_engine)  # (beat's sweep may get there first: same result)
         wait_until(pg_engine, job_id, lambda r: r.status != "running", timeout_s=5)
     done = row(pg_engine, job_id)
     assert (done.status, done.charged, done.refunded) == ("failed", 0, 2)
@@ -244,3 +246,9 @@ def test_cancel_of_a_job_whose_worker_died_ends_it_within_the_ttl(
     assert hold is not None and hold.status == "released"
     assert available(pg_engine, account) == 20
     assert run_transaction(pg_engine, verify) == []
+
+
+def test_the_sweep_dispatches_a_render_as_its_family_task() -> None:
+    from orchestrator.tunes.service import RENDER_TASK
+
+    assert lease_sweep.RENDER_TYPE == RENDER_TASK
