@@ -12,10 +12,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine
 
+from orchestrator.execution import protocol as execution
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs import states
 from orchestrator.scheduling.dispatch import Publisher
 from orchestrator.scheduling.outbox import relay_quietly
+from orchestrator.storage import Storage
 from tests.intake_helpers import (
     REPO_ROOT,
     TXT2IMG,
@@ -117,6 +119,23 @@ def test_cli_jobs_show_list_cancel_and_direct_submit(pg_engine: Engine) -> None:
         cli, ["submit", json.dumps(TXT2IMG), "--account", "acct_nobody", "--via", "direct"]
     )
     assert refused.exit_code == 2 and "unknown account" in refused.stderr
+
+
+@pytest.mark.usefixtures("settings_env")
+def test_cli_jobs_show_lists_attempts(pg_engine: Engine, storage: Storage) -> None:
+    owner = new_account(pg_engine)
+    grant(pg_engine, owner, 10)
+    job_id = jobs.submit(pg_engine, storage, owner, dict(TXT2IMG)).job["id"]
+    attempt = execution.begin(pg_engine, job_id, "cli-test-worker")
+    assert attempt is not None
+    execution.finish(pg_engine, attempt, states.FAILED, "scripted")
+    shown = CliRunner().invoke(job_cli(), ["jobs", "show", job_id])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    row = lines[lines.index("attempts") + 2].split()
+    assert (row[0], row[1], row[2], row[-1]) == ("1", "running", "cli-test-worker", "failed")
+    as_json = json.loads(CliRunner().invoke(job_cli(), ["jobs", "show", job_id, "--json"]).stdout)
+    assert [(a["number"], a["outcome"]) for a in as_json["attempts"]] == [(1, "failed")]
 
 
 @pytest.mark.usefixtures("settings_env")

@@ -7,6 +7,7 @@ hold. The dead worker's own message, redelivered later, is a no-op."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import time
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import Engine, update
+from prometheus_client import REGISTRY
+from sqlalchemy import Engine, select, update
 
 from billing import ledger
 from billing.clock import utcnow
@@ -29,9 +31,10 @@ from orchestrator.scheduling.dispatch import Publisher
 from orchestrator.settlement import lease_sweep
 from orchestrator.storage import Storage
 from orchestrator.tables import jobs as jobs_table
+from orchestrator.tables import outbox as outbox_table
 from tests.ledger_helpers import grant, new_account
 from tests.lifecycle_helpers import available, results, row, submit, wait_terminal, wait_until
-from tests.support.behaviours import GATE_KEY
+from tests.support.behaviours import GATE_KEY, tiny_png
 from tests.support.services import celery_beat, celery_worker, kill, parent_pid, wait_for_pid
 
 LEASE_ENV = {
@@ -172,6 +175,94 @@ def test_attempts_exhausted_fail_and_refund(
     hold = run_transaction(pg_engine, lambda c: ledger.get_hold(c, job_id))
     assert hold is not None and (hold.status, hold.committed) == ("released", 0)
     assert available(pg_engine, account) == 20
+
+
+def test_a_tune_is_dispatched_again_in_the_phase_it_lost(
+    pg_engine: Engine, storage: Storage, settings_env: None
+) -> None:
+    from orchestrator.tunes import service as tunes
+
+    acc = new_account(pg_engine)
+    grant(pg_engine, acc, 1, kind="tune")
+    grant(pg_engine, acc, tunes.RENDER_IMAGES, kind="tune_image")
+    spec = {
+        "type": "tune",
+        "name": "me",
+        "subject": "woman",
+        "images_b64": [base64.b64encode(tiny_png(i)).decode() for i in range(4)],
+    }
+    tune_id = jobs.submit(pg_engine, storage, acc, spec).job["id"]
+
+    training = execution.begin(pg_engine, tune_id, "worker-a", tunes.TRAINING_PHASE)
+    assert training is not None
+    expire_lease(pg_engine, tune_id)
+    lease_sweep.sweep(pg_engine)
+    lost = row(pg_engine, tune_id)  # training goes back to the queue, holds untouched
+    assert (lost.status, lost.lease_token, lost.attempt) == ("queued", None, 1)
+    assert last_dispatch(pg_engine, tune_id) == {"job_id": tune_id, "type": "tune"}
+    training = execution.begin(pg_engine, tune_id, "worker-b", tunes.TRAINING_PHASE)
+    assert training is not None and training.number == 2
+    execution.finish(pg_engine, training, "succeeded", phase=tunes.TRAINING_PHASE)
+    assert row(pg_engine, tune_id).status == "rendering"
+
+    render = execution.begin(pg_engine, tune_id, "worker-b", tunes.RENDER_PHASE)
+    assert render is not None
+    expire_lease(pg_engine, tune_id)
+    lease_sweep.sweep(pg_engine)
+    lost = row(pg_engine, tune_id)  # the render stays rendering, without a lease
+    assert (lost.status, lost.lease_token) == ("rendering", None)
+    assert last_dispatch(pg_engine, tune_id) == {"job_id": tune_id, "type": "tune_render"}
+    render = execution.begin(pg_engine, tune_id, "worker-c", tunes.RENDER_PHASE)
+    assert render is not None and render.number == 2
+    execution.finish(pg_engine, render, "failed", "test over", phase=tunes.RENDER_PHASE)
+
+    done = row(pg_engine, tune_id)
+    assert done.status == "failed"
+    assert [
+        (a["phase"], a["number"], a["outcome"])
+        for a in jobs.get(pg_engine, acc, tune_id)["attempts"]
+    ] == [
+        ("training", 1, "lease_expired"),
+        ("training", 2, "succeeded"),
+        ("rendering", 1, "lease_expired"),
+        ("rendering", 2, "failed"),
+    ]
+    tune_credits = run_transaction(pg_engine, lambda c: ledger.get_balance(c, acc, "tune"))
+    images = run_transaction(pg_engine, lambda c: ledger.get_balance(c, acc, "tune_image"))
+    assert (tune_credits.balance, tune_credits.held) == (0, 0)  # training charged once
+    assert (images.available, images.held) == (tunes.RENDER_IMAGES, 0)  # render refunded
+    assert run_transaction(pg_engine, verify) == []
+
+
+def last_dispatch(engine: Engine, job_id: str) -> Any:
+    return run_transaction(
+        engine,
+        lambda c: c.execute(
+            select(outbox_table.c.payload)
+            .where(outbox_table.c.job_id == job_id, outbox_table.c.topic == "dispatch")
+            .order_by(outbox_table.c.id.desc())
+        ).first(),
+    )[0]
+
+
+def test_lease_counters_count_what_the_sweep_did() -> None:
+    from workers import metrics
+
+    def value(name: str, family: str) -> float:
+        return REGISTRY.get_sample_value(name, {"family": family}) or 0.0
+
+    before = (
+        value("tollgate_leases_expired_total", "upscale"),
+        value("tollgate_jobs_redispatched_total", "upscale"),
+    )
+    metrics.count_recoveries(
+        [
+            lease_sweep.Recovery("job_a", "upscale", "redispatched"),
+            lease_sweep.Recovery("job_b", "upscale", "canceled"),
+        ]
+    )
+    assert value("tollgate_leases_expired_total", "upscale") == before[0] + 2
+    assert value("tollgate_jobs_redispatched_total", "upscale") == before[1] + 1
 
 
 # --------------------------------------------------------------------- real workers

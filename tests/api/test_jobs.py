@@ -5,15 +5,19 @@ them through orchestrator.execution.protocol itself)."""
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 
+from billing.clock import utcnow
+from billing.db import run_transaction
 from orchestrator.execution import protocol as execution
 from orchestrator.jobs import states
 from orchestrator.storage import Storage
+from orchestrator.tables import jobs as jobs_table
 from tests.api_helpers import (
     ADMIN,
     TXT2IMG,
@@ -237,3 +241,33 @@ def test_outputs_are_served_when_delivered(
     assert client.get(f"/v1/jobs/{job_id}/outputs/1", headers=user[1]).status_code == 404
     assert client.get(f"/v1/jobs/{job_id}/outputs/0", headers=other[1]).status_code == 404
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=user[1]).status_code == 409
+
+
+def test_cancel_of_a_job_whose_lease_expired_ends_it_at_once_and_lists_attempts(
+    client: TestClient, user: tuple[str, Headers], pg_engine: Engine
+) -> None:
+    job_id = submit(client, user[1]).json()["id"]
+    attempt = execution.begin(pg_engine, job_id, "api-test-worker")
+    assert attempt is not None
+    running = client.get(f"/v1/jobs/{job_id}", headers=user[1]).json()
+    assert [(a["number"], a["worker"], a["outcome"]) for a in running["attempts"]] == [
+        (1, "api-test-worker", None)
+    ]
+    run_transaction(  # the worker died: nobody renewed its lease
+        pg_engine,
+        lambda c: c.execute(
+            update(jobs_table)
+            .where(jobs_table.c.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        ),
+    )
+    res = client.post(f"/v1/jobs/{job_id}/cancel", headers=user[1])
+    assert res.status_code == 200 and res.json()["status"] == states.CANCELED
+    job = client.get(f"/v1/jobs/{job_id}", headers=user[1]).json()
+    assert (job["charged"], job["refunded"]) == (0, 1)
+    (lost,) = job["attempts"]
+    assert (lost["number"], lost["phase"], lost["outcome"]) == (1, "running", "lease_expired")
+    assert lost["started_at"] and lost["ended_at"]
+    # The worker was not dead after all: its late result is recorded, never charged.
+    assert execution.finish(pg_engine, attempt, states.SUCCEEDED) == states.CANCELED
+    assert client.get(f"/v1/jobs/{job_id}", headers=user[1]).json()["charged"] == 0
