@@ -143,6 +143,7 @@ def test_a_lost_heartbeat_stops_the_runner_at_its_next_step(
     ctx = execution.RunContext(pg_engine, storage, attempt, heartbeat=beat)
     try:
         wait_until(pg_engine, job_id, lambda r: r.lease_expires_at > first_expiry, timeout_s=5)
+        assert beat.renewals >= 1 and beat.held_until > time.monotonic()
         expire_lease(pg_engine, job_id)
         taker = execution.begin(pg_engine, job_id, "worker-b")  # the old token is gone
         assert taker is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from sqlalchemy import Connection, Engine, update
 
@@ -19,6 +20,7 @@ from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.db import commit_without_flush_wait
 from orchestrator.execution.leases import LEASED, lease_expiry
+from orchestrator.settings import get_settings
 from orchestrator.tables import jobs
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class Heartbeat:
         self.engine, self.job_id, self.token, self.interval_s = engine, job_id, token, interval_s
         self.lost = threading.Event()
         self.renewals = 0
+        # time.monotonic() until which the lease is surely held (begin's TTL, then each
+        # renewal's): a worker retrying `finish` through an outage may keep trying until then.
+        self.held_until = time.monotonic() + get_settings().lease_ttl_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
@@ -64,6 +69,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            started = time.monotonic()
             try:
                 held = renew(self.engine, self.job_id, self.token)
             except Exception:
@@ -74,3 +80,4 @@ class Heartbeat:
                 self.lost.set()
                 return
             self.renewals += 1
+            self.held_until = started + get_settings().lease_ttl_s
