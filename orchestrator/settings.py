@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     # Training resolution; None: the base model's own (512 for SD 1.x).
     tune_train_size_px: int | None = Field(default=None, ge=64, le=1024, multiple_of=8)
     work_dir: Path = DEFAULT_VAR_DIR / "work"
+    # Payments: the Stripe webhook signing secret (whsec_...; empty: the endpoint answers
+    # 400), and the packs file (TOML or JSON) mapping provider prices to credits and plans.
+    stripe_webhook_secret: str = ""
+    credit_packs: Path | None = None
 
 
 @lru_cache(maxsize=1)

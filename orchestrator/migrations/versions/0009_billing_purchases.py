@@ -11,7 +11,8 @@ Create Date: 2026-12-01 21:30:00.000000
 - PostgreSQL: tollgate_ledger_resolve re-created from 0005's text with one more guarded
   statement at the end: credits a resolution gives back to a grant with a void shortfall
   are voided (what billing.locked.void_owed_locked does on the Python path). The guard is an
-  index lookup on the account's grants, like 0005's expiry guard. Downgrade restores 0005's.
+  index lookup on the account's grants, like 0005's expiry guard. Downgrade restores 0005's
+  and turns voids into expiries (void entries -> expire_grant, voided -> expired).
 """
 
 import importlib.util
@@ -165,7 +166,10 @@ def downgrade() -> None:
     with op.batch_alter_table("accounts") as batch:
         batch.drop_column("webhook_url")
         batch.drop_column("plan_lapses_at")
-    op.execute("DELETE FROM entries WHERE type = 'void'")  # the old check refuses them
+    # 0005 has no voids: voided credits become expired ones (both are gone for good), so
+    # the ledger still verifies; the shortfalls are dropped.
+    op.execute("UPDATE entries SET type = 'expire_grant' WHERE type = 'void'")
+    op.execute("UPDATE grants SET expired = expired + voided WHERE voided > 0")
     with op.batch_alter_table("entries") as batch:
         batch.drop_constraint(op.f("ck_entries_type"), type_="check")
         batch.create_check_constraint(op.f("ck_entries_type"), TYPES_OLD)
