@@ -179,6 +179,18 @@ payment_grants = Table(
     Column("created_at", UTCDateTime, nullable=False),
 )
 
+# A refund of a payment no grant is known for yet (the refund event came first): the next
+# purchase of that payment applies it. Cumulative amounts, as providers report them.
+pending_refunds = Table(
+    "pending_refunds",
+    metadata,
+    Column("provider", String(PROVIDER_MAX_LEN), primary_key=True),
+    Column("payment_id", String(PROVIDER_ID_MAX_LEN), primary_key=True),
+    Column("refunded", BigInteger, nullable=False),
+    Column("paid", BigInteger, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
 # A provider's subscription and the account and plan it pays for.
 subscriptions = Table(
     "subscriptions",

@@ -133,7 +133,13 @@ def test_upgrade_downgrade_upgrade_keeps_the_ledger_working(fresh_pg_url: str) -
         engine.dispose()
     assert "voided" not in columns and "void_shortfall" not in columns
     assert "void_shortfall" not in body and "IF EXISTS" not in body  # 0003's function
-    assert not tables & {"payment_events", "payment_grants", "subscriptions", "balance_alerts"}
+    assert not tables & {
+        "payment_events",
+        "payment_grants",
+        "pending_refunds",
+        "subscriptions",
+        "balance_alerts",
+    }
     assert_verifies_without_voids(fresh_pg_url)
     upgrade(fresh_pg_url)
     exercise_ledger(fresh_pg_url)

@@ -31,7 +31,7 @@ from billing.db import run_transaction
 from billing.tables import accounts, grants
 from orchestrator.scheduling import outbox
 from orchestrator.settlement import alerts, retention
-from orchestrator.tables import payment_events, payment_grants, subscriptions
+from orchestrator.tables import payment_events, payment_grants, pending_refunds, subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,23 @@ def purchase(
     credits: list[Credit],
     now: datetime | None = None,
 ) -> list[ledger.Grant]:
-    """Grant what a payment bought (idempotent on each credit's reference)."""
-    return _grant_all(conn, provider, payment_ids, account_id, credits, "purchase", now or utcnow())
+    """Grant what a payment bought (idempotent on each credit's reference); a refund of the
+    payment that arrived first is applied now."""
+    now = now or utcnow()
+    granted = _grant_all(conn, provider, payment_ids, account_id, credits, "purchase", now)
+    _apply_pending_refunds(conn, provider, payment_ids, now)
+    return granted
+
+
+def _apply_pending_refunds(
+    conn: Connection, provider: str, payment_ids: list[str], now: datetime
+) -> None:
+    for row in conn.execute(
+        select(pending_refunds).where(
+            pending_refunds.c.provider == provider, pending_refunds.c.payment_id.in_(payment_ids)
+        )
+    ).all():
+        refund(conn, provider, payment_ids, int(row.refunded), int(row.paid), now)
 
 
 def void_grant(
@@ -197,8 +212,12 @@ def refund(
         .distinct()
         .order_by(payment_grants.c.grant_reference)
     ).scalars()
+    references = list(refs)
+    if not references:
+        _remember_refund(conn, provider, payment_ids, refunded, paid)
+        return []
     done = []
-    for reference in list(refs):
+    for reference in references:
         g = conn.execute(
             select(grants.c.amount, grants.c.voided, grants.c.void_shortfall).where(
                 grants.c.reference == reference
@@ -209,6 +228,32 @@ def refund(
         if more > 0:
             done.append(void_grant(conn, reference, more, now))
     return done
+
+
+def _remember_refund(
+    conn: Connection, provider: str, payment_ids: list[str], refunded: int, paid: int
+) -> None:
+    """No grant is known for the payment yet (the refund came first, or it is not ours):
+    keep the largest refund seen, for a purchase of it that may still arrive."""
+    for payment_id in payment_ids[:1]:  # the provider's main id (Stripe: the payment intent)
+        key = (pending_refunds.c.provider == provider, pending_refunds.c.payment_id == payment_id)
+        found = conn.execute(select(pending_refunds.c.refunded).where(*key)).first()
+        if found is None:
+            conn.execute(
+                insert(pending_refunds).values(
+                    provider=provider,
+                    payment_id=payment_id,
+                    refunded=refunded,
+                    paid=paid,
+                    updated_at=utcnow(),
+                )
+            )
+        elif refunded > int(found.refunded):
+            conn.execute(
+                update(pending_refunds)
+                .where(*key)
+                .values(refunded=refunded, paid=paid, updated_at=utcnow())
+            )
 
 
 def renew(

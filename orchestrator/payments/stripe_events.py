@@ -268,7 +268,9 @@ def _refund(c: dict[str, Any]) -> Effect:
     def refund(conn: Connection) -> Outcome:
         voids = purchases.refund(conn, PROVIDER, payment_ids, refunded, paid)
         if not voids:
-            return Outcome("processed", "nothing (more) to void")
+            return Outcome(
+                "processed", "nothing (more) to void; a purchase not seen yet applies it"
+            )
         detail = "; ".join(
             f"{v.reference}: voided {v.voided}, shortfall {v.shortfall}" for v in voids
         )

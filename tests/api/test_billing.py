@@ -197,10 +197,19 @@ def test_refund_after_part_of_the_pack_was_spent_and_part_is_held(
     clean(pg_engine)
 
 
-def test_a_refund_of_an_unknown_payment_is_ignored(client: TestClient) -> None:
-    res = sh.post(client, sh.event("charge.refunded", sh.charge("pi_unknown", 100, 100)))
-    assert (res.status_code, res.json()["outcome"]) == (200, "processed")
-    assert "nothing" in res.json()["detail"]
+def test_a_refund_that_arrives_before_its_purchase_is_applied_by_it(
+    client: TestClient, buyer: tuple[str, Headers], pg_engine: Engine
+) -> None:
+    account, headers = buyer
+    session = sh.checkout(account)
+    pi = session["payment_intent"]
+    for refunded in (300, 250):  # out of order too: the larger cumulative amount counts
+        res = sh.post(client, sh.event("charge.refunded", sh.charge(pi, 1000, refunded)))
+        assert (res.status_code, res.json()["outcome"]) == (200, "processed")
+        assert "nothing" in res.json()["detail"]
+    assert sh.post(client, sh.event("checkout.session.completed", session)).status_code == 200
+    assert balance(client, headers)["available"] == 70  # 100 bought, 30% refunded
+    clean(pg_engine)
 
 
 def _account(engine: Engine, account: str) -> Any:

@@ -7,7 +7,7 @@ Create Date: 2026-12-01 21:30:00.000000
 - grants.voided / grants.void_shortfall and the `void` entry type (billing.voids);
 - accounts.plan_lapses_at (a canceled subscription's period end) and accounts.webhook_url;
 - payment_events (each provider event once), payment_grants (payment -> grants it bought),
-  subscriptions, balance_alerts;
+  pending_refunds (a refund that came before its purchase), subscriptions, balance_alerts;
 - PostgreSQL: tollgate_ledger_resolve re-created from 0005's text with one more guarded
   statement at the end: credits a resolution gives back to a grant with a void shortfall
   are voided (what billing.locked.void_owed_locked does on the Python path). The guard is an
@@ -126,6 +126,15 @@ def upgrade() -> None:
         ),
     )
     op.create_table(
+        "pending_refunds",
+        sa.Column("provider", sa.String(length=20), nullable=False),
+        sa.Column("payment_id", sa.String(length=200), nullable=False),
+        sa.Column("refunded", sa.BigInteger(), nullable=False),
+        sa.Column("paid", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("provider", "payment_id", name=op.f("pk_pending_refunds")),
+    )
+    op.create_table(
         "subscriptions",
         sa.Column("provider", sa.String(length=20), nullable=False),
         sa.Column("subscription_id", sa.String(length=200), nullable=False),
@@ -161,6 +170,7 @@ def downgrade() -> None:
         op.execute(resolve)
     op.drop_table("balance_alerts")
     op.drop_table("subscriptions")
+    op.drop_table("pending_refunds")
     op.drop_table("payment_grants")
     op.drop_table("payment_events")
     with op.batch_alter_table("accounts") as batch:
