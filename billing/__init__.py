@@ -8,6 +8,7 @@ from billing.errors import (
     InvalidJobSpec,
     ReferenceConflict,
     UnknownAccount,
+    UnknownGrant,
     UnknownHold,
 )
 from billing.pricing import CREDIT_KINDS, Quote, quote
@@ -22,6 +23,7 @@ __all__ = [
     "Quote",
     "ReferenceConflict",
     "UnknownAccount",
+    "UnknownGrant",
     "UnknownHold",
     "quote",
 ]

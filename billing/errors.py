@@ -47,6 +47,12 @@ class UnknownHold(BillingError):
         self.reference = reference
 
 
+class UnknownGrant(BillingError):
+    def __init__(self, reference: str) -> None:
+        super().__init__(f"no grant with reference {reference!r}")
+        self.reference = reference
+
+
 class ReferenceConflict(BillingError):
     """An idempotency reference reused for a different request (other account/kind/amount)."""
 

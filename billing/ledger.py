@@ -26,7 +26,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, insert, nulls_last, select, update
+from sqlalchemy import Connection, insert, select, update
 
 from billing.clock import utcnow
 from billing.errors import (
@@ -34,10 +34,17 @@ from billing.errors import (
     InsufficientCredits,
     InvalidAmount,
     ReferenceConflict,
-    UnknownAccount,
     UnknownHold,
 )
+from billing.errors import UnknownGrant as UnknownGrant
 from billing.ledger_pg import hold_pg, on_postgresql, resolve_pg
+from billing.locked import (
+    add_to_balance,
+    burn_order,
+    expire_grants_locked,
+    lock_balance,
+    void_owed_locked,
+)
 from billing.pricing import CREDIT_KINDS
 from billing.queries import EXPIRE_BATCH_MAX, unexpired
 from billing.queries import due_holds as due_holds  # re-exported: reads live in billing.queries
@@ -60,6 +67,8 @@ from billing.values import (
     check_kind,
     check_reference,
 )
+from billing.voids import Void as Void
+from billing.voids import void as void
 
 PLANS = ("free", "standard", "business")
 GRANT_SOURCES = ("purchase", "plan", "promo", "adjustment")
@@ -98,65 +107,6 @@ def create_account(
     return account_id
 
 
-def _lock_balance(conn: Connection, account_id: str, kind: str) -> tuple[int, int]:
-    row = conn.execute(
-        select(balances.c.balance, balances.c.held)
-        .where(balances.c.account_id == account_id, balances.c.kind == kind)
-        .with_for_update()
-    ).first()
-    if row is None:
-        raise UnknownAccount(account_id)
-    return int(row.balance), int(row.held)
-
-
-def _add_to_balance(
-    conn: Connection, account_id: str, kind: str, delta_balance: int, delta_held: int
-) -> None:
-    conn.execute(
-        update(balances)
-        .where(balances.c.account_id == account_id, balances.c.kind == kind)
-        .values(balance=balances.c.balance + delta_balance, held=balances.c.held + delta_held)
-    )
-
-
-def _burn_order():  # type: ignore[no-untyped-def]
-    return (nulls_last(grants.c.expires_at.asc()), grants.c.id.asc())
-
-
-def _expire_grants_locked(conn: Connection, account_id: str, kind: str, now: datetime) -> int:
-    """Expire the unreserved remainder of this account's expired grants. Caller holds the lock."""
-    due = conn.execute(
-        select(grants.c.id, grants.c.remaining).where(
-            grants.c.account_id == account_id,
-            grants.c.kind == kind,
-            grants.c.remaining > 0,
-            grants.c.expires_at <= now,
-        )
-    ).all()
-    total = 0
-    for grant_id, remaining in due:
-        conn.execute(
-            update(grants)
-            .where(grants.c.id == grant_id)
-            .values(remaining=0, expired=grants.c.expired + remaining)
-        )
-        conn.execute(
-            insert(entries).values(
-                account_id=account_id,
-                kind=kind,
-                type="expire_grant",
-                delta_balance=-remaining,
-                delta_held=0,
-                grant_id=grant_id,
-                created_at=now,
-            )
-        )
-        total += remaining
-    if total:
-        _add_to_balance(conn, account_id, kind, -total, 0)
-    return total
-
-
 def grant(
     conn: Connection,
     account_id: str,
@@ -177,7 +127,7 @@ def grant(
     if expires_at is not None and expires_at.tzinfo is None:
         raise InvalidAmount("expires_at", "must carry a time zone")
     now = now or utcnow()
-    _lock_balance(conn, account_id, kind)
+    lock_balance(conn, account_id, kind)
     existing = conn.execute(select(grants).where(grants.c.reference == reference)).first()
     if existing is not None:
         if (existing.account_id, existing.kind, existing.amount) != (account_id, kind, amount):
@@ -211,8 +161,8 @@ def grant(
             created_at=now,
         )
     )
-    _add_to_balance(conn, account_id, kind, amount, 0)
-    _expire_grants_locked(conn, account_id, kind, now)  # a grant that is born expired
+    add_to_balance(conn, account_id, kind, amount, 0)
+    expire_grants_locked(conn, account_id, kind, now)  # a grant that is born expired
     return Grant(grant_id, reference, account_id, kind, amount, created=True)
 
 
@@ -235,7 +185,7 @@ def hold(
     now = now or utcnow()
     if on_postgresql(conn):
         return hold_pg(conn, account_id, kind, amount, reference, ttl_s, now)
-    _lock_balance(conn, account_id, kind)
+    lock_balance(conn, account_id, kind)
     existing = get_hold(conn, reference)
     if existing is not None:
         if (existing.account_id, existing.kind, existing.amount) != (account_id, kind, amount):
@@ -243,7 +193,7 @@ def hold(
                 reference, f"a hold of {existing.amount} {existing.kind} on {existing.account_id}"
             )
         return existing
-    _expire_grants_locked(conn, account_id, kind, now)
+    expire_grants_locked(conn, account_id, kind, now)
     live = conn.execute(
         select(grants.c.id, grants.c.remaining)
         .where(
@@ -252,7 +202,7 @@ def hold(
             grants.c.remaining > 0,
             unexpired(now),
         )
-        .order_by(*_burn_order())
+        .order_by(*burn_order())
     ).all()
     available = sum(int(r.remaining) for r in live)
     if available < amount:
@@ -299,7 +249,7 @@ def hold(
             created_at=now,
         )
     )
-    _add_to_balance(conn, account_id, kind, 0, amount)
+    add_to_balance(conn, account_id, kind, 0, amount)
     return Hold(hold_id, reference, account_id, kind, amount, "open", 0, expires_at)
 
 
@@ -307,7 +257,7 @@ def _lock_open_hold(conn: Connection, reference: str) -> Hold:
     found = get_hold(conn, reference)
     if found is None:
         raise UnknownHold(reference)
-    _lock_balance(conn, found.account_id, found.kind)
+    lock_balance(conn, found.account_id, found.kind)
     locked = get_hold(conn, reference)  # re-read under the lock: another resolver may have won
     assert locked is not None
     if locked.status != "open":
@@ -321,7 +271,7 @@ def _resolve(conn: Connection, the_hold: Hold, status: str, committed: int, now:
         select(hold_allocations.c.grant_id, hold_allocations.c.amount)
         .join(grants, grants.c.id == hold_allocations.c.grant_id)
         .where(hold_allocations.c.hold_id == the_hold.id)
-        .order_by(*_burn_order())
+        .order_by(*burn_order())
     ).all()
     to_commit = committed
     for grant_id, amount in allocs:
@@ -359,9 +309,11 @@ def _resolve(conn: Connection, the_hold: Hold, status: str, committed: int, now:
             created_at=now,
         )
     )
-    _add_to_balance(conn, the_hold.account_id, the_hold.kind, -committed, -the_hold.amount)
-    # Credits returned to a grant that expired while they were reserved expire now.
-    _expire_grants_locked(conn, the_hold.account_id, the_hold.kind, now)
+    add_to_balance(conn, the_hold.account_id, the_hold.kind, -committed, -the_hold.amount)
+    # Credits returned to a grant that expired while they were reserved expire now; those
+    # returned to a grant refunded while they were reserved are voided now.
+    expire_grants_locked(conn, the_hold.account_id, the_hold.kind, now)
+    void_owed_locked(conn, the_hold.account_id, the_hold.kind, now)
     return Hold(
         the_hold.id,
         the_hold.reference,
@@ -416,6 +368,6 @@ def expire_grants(
     ).all()
     total = 0
     for account_id, kind in sorted(pairs):
-        _lock_balance(conn, account_id, kind)
-        total += _expire_grants_locked(conn, account_id, kind, now)
+        lock_balance(conn, account_id, kind)
+        total += expire_grants_locked(conn, account_id, kind, now)
     return total

@@ -70,6 +70,11 @@ accounts = Table(
     Column("plan", String(20), nullable=False),
     # When a paid plan stopped being active (retention clocks start here); NULL while active.
     Column("plan_lapsed_at", UTCDateTime, nullable=True),
+    # A paid plan that ends at this time (a canceled subscription's period end); the beat
+    # sweep lapses it then. NULL: nothing scheduled.
+    Column("plan_lapses_at", UTCDateTime, nullable=True),
+    # Where account-level webhooks (balance.low) are POSTed, signed like job callbacks.
+    Column("webhook_url", String(2000), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     CheckConstraint("plan IN ('free', 'standard', 'business')", name="plan"),
 )
@@ -99,6 +104,11 @@ grants = Table(
     # Credits neither reserved by a hold, consumed by a commit, nor expired.
     Column("remaining", BigInteger, nullable=False),
     Column("expired", BigInteger, nullable=False, server_default=text("0")),
+    # Voided (a refund): credits taken out of `remaining`. `void_shortfall`: credits a void
+    # asked for that were not there (spent, expired, or held: held ones are voided when
+    # their hold gives them back).
+    Column("voided", BigInteger, nullable=False, server_default=text("0")),
+    Column("void_shortfall", BigInteger, nullable=False, server_default=text("0")),
     Column("expires_at", UTCDateTime, nullable=True),
     Column("reference", String(REFERENCE_MAX_LEN), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
@@ -107,6 +117,8 @@ grants = Table(
     CheckConstraint("amount > 0", name="amount_pos"),
     CheckConstraint("remaining >= 0 AND remaining <= amount", name="remaining_range"),
     CheckConstraint("expired >= 0", name="expired_nonneg"),
+    CheckConstraint("voided >= 0", name="voided_nonneg"),
+    CheckConstraint("void_shortfall >= 0", name="void_shortfall_nonneg"),
     Index("ix_grants_account_kind", "account_id", "kind"),
 )
 
@@ -142,7 +154,7 @@ hold_allocations = Table(
     CheckConstraint("committed >= 0 AND committed <= amount", name="committed_range"),
 )
 
-ENTRY_TYPES = ("grant", "hold", "commit", "release", "expire_hold", "expire_grant")
+ENTRY_TYPES = ("grant", "hold", "commit", "release", "expire_hold", "expire_grant", "void")
 RESOLUTION_TYPES = ("commit", "release", "expire_hold")
 
 # Append-only. balance = sum(delta_balance), held = sum(delta_held), per account and kind.
@@ -159,7 +171,8 @@ entries = Table(
     Column("hold_id", BigId, ForeignKey("holds.id"), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     CheckConstraint(
-        "type IN ('grant', 'hold', 'commit', 'release', 'expire_hold', 'expire_grant')", name="type"
+        "type IN ('grant', 'hold', 'commit', 'release', 'expire_hold', 'expire_grant', 'void')",
+        name="type",
     ),
     Index("ix_entries_account_id", "account_id", "id"),
     # A hold is resolved at most once, whatever the code above does.

@@ -4,8 +4,9 @@ Invariants, per (account, kind) unless said otherwise:
 1. cached balance = sum(entries.delta_balance); cached held = sum(entries.delta_held)
 2. held = sum of open holds' amounts; available = balance - held >= 0
 3. balance - held = sum of grants' remaining (every credit is somewhere)
-4. per grant: 0 <= remaining <= amount and amount = remaining + expired + reserved by open
-   holds + consumed by commits; exactly one `grant` entry of its amount
+4. per grant: 0 <= remaining <= amount and amount = remaining + expired + voided + reserved
+   by open holds + consumed by commits; exactly one `grant` entry of its amount; its `void`
+   entries add up to -voided; voided, void_shortfall >= 0 and voided + void_shortfall <= amount
 5. per hold: one `hold` entry; at most one resolution entry, exactly one iff resolved;
    committed <= held; allocations add up to the amount and to the committed amount
 """
@@ -108,18 +109,32 @@ def _check_grants(conn: Connection) -> Iterable[str]:
             .group_by(entries.c.grant_id)
         )
     }
+    void_entries = {
+        r[0]: int(r[1] or 0)
+        for r in conn.execute(
+            select(entries.c.grant_id, func.sum(entries.c.delta_balance))
+            .where(entries.c.type == "void")
+            .group_by(entries.c.grant_id)
+        )
+    }
     for g in conn.execute(select(grants)):
         where = f"grant {g.reference}"
         if not 0 <= g.remaining <= g.amount:
             yield f"{where}: remaining {g.remaining} outside 0..{g.amount}"
         if g.expired < 0:
             yield f"{where}: negative expired {g.expired}"
-        accounted = g.remaining + g.expired + used[g.id]
+        accounted = g.remaining + g.expired + g.voided + used[g.id]
         if accounted != g.amount:
             yield (
                 f"{where}: amount {g.amount} != remaining {g.remaining} + expired {g.expired}"
-                f" + reserved/consumed {used[g.id]}"
+                f" + voided {g.voided} + reserved/consumed {used[g.id]}"
             )
+        if g.voided < 0 or g.void_shortfall < 0 or g.voided + g.void_shortfall > g.amount:
+            yield (
+                f"{where}: voided {g.voided} + shortfall {g.void_shortfall} outside 0..{g.amount}"
+            )
+        if -void_entries.get(g.id, 0) != g.voided:
+            yield f"{where}: void entries {-void_entries.get(g.id, 0)} != voided {g.voided}"
         if grant_entries.get(g.id) != (1, g.amount):
             found = grant_entries.get(g.id)
             yield f"{where}: expected one grant entry of {g.amount}, found {found}"

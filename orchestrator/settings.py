@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     lease_renew_interval_s: float = Field(default=5.0, gt=0, le=600)
     lease_sweep_interval_s: float = Field(default=5.0, gt=0, le=600)
 
+    # Payments: the Stripe webhook signing secret (whsec_...; empty: the endpoint answers
+    # 400), and the packs file (TOML or JSON) mapping provider prices to credits and plans.
+    stripe_webhook_secret: str = ""
+    credit_packs: Path | None = None
+
     @model_validator(mode="after")
     def _renew_within_ttl(self) -> Settings:
         if self.lease_renew_interval_s * 2 > self.lease_ttl_s:

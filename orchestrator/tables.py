@@ -173,3 +173,70 @@ tunes = Table(
     Index("ix_tunes_account_created", "account_id", "created_at"),
     Index("ix_tunes_expires_at", "expires_at"),
 )
+
+PROVIDER_MAX_LEN = 20
+PROVIDER_ID_MAX_LEN = 200
+
+# Payment provider events processed (or deliberately ignored), one row per event id: written
+# in the same transaction as the event's effect, so a replay changes nothing.
+payment_events = Table(
+    "payment_events",
+    metadata,
+    Column("provider", String(PROVIDER_MAX_LEN), primary_key=True),
+    Column("event_id", String(PROVIDER_ID_MAX_LEN), primary_key=True),
+    Column("type", String(100), nullable=False),
+    Column("outcome", String(40), nullable=False),
+    Column("detail", Text, nullable=True),
+    Column("received_at", UTCDateTime, nullable=False),
+)
+
+# Which grants a payment bought (a pack's checkout, a subscription invoice), so that a
+# refund of that payment voids them. `payment_id` is the provider's payment id (Stripe: the
+# payment intent, else the charge or the invoice).
+payment_grants = Table(
+    "payment_grants",
+    metadata,
+    Column("provider", String(PROVIDER_MAX_LEN), primary_key=True),
+    Column("payment_id", String(PROVIDER_ID_MAX_LEN), primary_key=True),
+    Column("grant_reference", String(200), primary_key=True),
+    Column("account_id", String(ACCOUNT_ID_MAX_LEN), ForeignKey("accounts.id"), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# A refund of a payment no grant is known for yet (the refund event came first): the next
+# purchase of that payment applies it. Cumulative amounts, as providers report them.
+pending_refunds = Table(
+    "pending_refunds",
+    metadata,
+    Column("provider", String(PROVIDER_MAX_LEN), primary_key=True),
+    Column("payment_id", String(PROVIDER_ID_MAX_LEN), primary_key=True),
+    Column("refunded", BigInteger, nullable=False),
+    Column("paid", BigInteger, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# A provider's subscription and the account and plan it pays for.
+subscriptions = Table(
+    "subscriptions",
+    metadata,
+    Column("provider", String(PROVIDER_MAX_LEN), primary_key=True),
+    Column("subscription_id", String(PROVIDER_ID_MAX_LEN), primary_key=True),
+    Column("account_id", String(ACCOUNT_ID_MAX_LEN), ForeignKey("accounts.id"), nullable=False),
+    Column("plan", String(20), nullable=True),
+    Column("status", String(40), nullable=False),
+    Column("current_period_end", UTCDateTime, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Low-balance alerts: one threshold per (account, kind). `armed`: the next fall of
+# `available` below the threshold sends a balance.low webhook (then it is disarmed until
+# available is back at or above the threshold).
+balance_alerts = Table(
+    "balance_alerts",
+    metadata,
+    Column("account_id", String(ACCOUNT_ID_MAX_LEN), ForeignKey("accounts.id"), primary_key=True),
+    Column("kind", String(20), primary_key=True),
+    Column("threshold", BigInteger, nullable=False),
+    Column("armed", Boolean, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)

@@ -179,6 +179,21 @@ def test_bad_inputs_exit_2_with_a_reason(pg_url: str) -> None:
     assert balance(pg_url, account)["image"]["balance"] == 0
 
 
+def test_credits_void(pg_url: str) -> None:
+    account = create_account(pg_url)["id"]
+    ref = new_ref()
+    ok(pg_url, "credits", "grant", account, "--kind", "image", "--amount", "50", "--reference", ref)
+    out = ok(pg_url, "credits", "void", ref, "--amount", "20")
+    assert out.startswith(f"voided 20 of 20 image credits of grant {ref} (shortfall 0")
+    assert "amount: must be an integer in 1..30" in bad_input(
+        pg_url, "credits", "void", ref, "--amount", "31"
+    )
+    done = json.loads(ok(pg_url, "credits", "void", ref, "--json"))
+    assert (done["voided"], done["total_voided"], done["shortfall"]) == (30, 50, 0)
+    assert balance(pg_url, account)["image"] == {"balance": 0, "held": 0, "available": 0}
+    assert "no grant with reference 'nope'" in bad_input(pg_url, "credits", "void", "nope")
+
+
 def test_ledger_verify_is_clean_on_the_session_database(pg_url: str) -> None:
     account = create_account(pg_url)["id"]
     ok(pg_url, "credits", "grant", account, "--kind", "image", "--amount", "3")
@@ -234,6 +249,7 @@ def test_ledger_verify_names_each_violation(throwaway_url: str) -> None:
     url = throwaway_url
     account = create_account(url)["id"]
     ok(url, "credits", "grant", account, "--kind", "image", "--amount", "100", "--reference", "g1")
+    ok(url, "credits", "grant", account, "--kind", "tune", "--amount", "10", "--reference", "g2")
     engine = make_engine(url, pool_size=1)
     try:
         run_transaction(
@@ -253,6 +269,10 @@ def test_ledger_verify_names_each_violation(throwaway_url: str) -> None:
             conn.execute(text("UPDATE holds SET status = 'open' WHERE reference = 'h1'"))
             # Credits appearing in a grant out of nowhere.
             conn.execute(text("UPDATE grants SET remaining = remaining + 1 WHERE reference = 'g1'"))
+            # A void recorded on a grant without its entry, and more than the grant.
+            conn.execute(
+                text("UPDATE grants SET voided = 4, void_shortfall = 99 WHERE reference = 'g2'")
+            )
     finally:
         engine.dispose()
     result = tollgate(url, "ledger", "verify")
@@ -262,10 +282,13 @@ def test_ledger_verify_names_each_violation(throwaway_url: str) -> None:
     expected = [
         f"{where}: cached balance 85 != sum of entries 80",
         f"{where}: held 0 != open holds 30",
-        "grant g1: amount 100 != remaining 81 + expired 0 + reserved/consumed 30",
+        "grant g1: amount 100 != remaining 81 + expired 0 + voided 0 + reserved/consumed 30",
         f"{where}: balance - held = 85 != grants' remaining 81",
         "hold h1: status open with 1 resolution entries",
         "hold h1: open hold has committed 20",
+        "grant g2: amount 10 != remaining 10 + expired 0 + voided 4 + reserved/consumed 0",
+        "grant g2: voided 4 + shortfall 99 outside 0..10",
+        "grant g2: void entries 0 != voided 4",
     ]
     for message in expected:
         assert f"VIOLATION {message}" in violations, (message, violations)

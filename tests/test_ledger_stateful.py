@@ -1,5 +1,6 @@
-"""Random grant/hold/commit/partial-commit/release/expire sequences against a plain-Python
-model of the ledger. After every step the balances agree with the model and verify() is clean.
+"""Random grant/hold/commit/partial-commit/release/expire/void sequences against a
+plain-Python model of the ledger. After every step the balances agree with the model and
+verify() is clean.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ class ModelGrant:
     seq: int
     amount: int
     expires_at: datetime | None
-    free: int  # neither reserved, consumed nor expired
+    free: int  # neither reserved, consumed, expired nor voided
+    reference: str = ""
+    voided: int = 0
+    shortfall: int = 0  # asked for by voids but not there; held credits pay it off later
 
 
 @dataclass
@@ -69,12 +73,19 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
                 used = min(take, committed)
                 committed -= used
                 g.free += take - used
+            for g, _ in h.parts:  # returned credits owed to a refund are voided (live grants)
+                if g.expires_at is None or g.expires_at > self.now:
+                    n = min(g.free, g.shortfall)
+                    g.free -= n
+                    g.voided += n
+                    g.shortfall -= n
 
         @rule(amount=st.integers(1, 20), expires_in_s=st.none() | st.integers(1, 3600))
         def grant(self, amount: int, expires_in_s: int | None) -> None:
             expires_at = (
                 None if expires_in_s is None else self.now + timedelta(seconds=expires_in_s)
             )
+            reference = f"sg-{next(_counter)}-{self.account}"
             run_transaction(
                 engine,
                 lambda c: ledger.grant(
@@ -83,12 +94,40 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
                     "image",
                     amount,
                     source="promo",
-                    reference=f"sg-{next(_counter)}-{self.account}",
+                    reference=reference,
                     expires_at=expires_at,
                     now=self.now,
                 ),
             )
-            self.grants.append(ModelGrant(len(self.grants), amount, expires_at, amount))
+            self.grants.append(
+                ModelGrant(len(self.grants), amount, expires_at, amount, reference=reference)
+            )
+
+        @rule(pick=st.integers(0, 1000), amount=st.none() | st.integers(1, 25))
+        def void(self, pick: int, amount: int | None) -> None:
+            if not self.grants:
+                return
+            g = self.grants[pick % len(self.grants)]
+            open_ = g.amount - g.voided - g.shortfall
+            try:
+                done = run_transaction(
+                    engine, lambda c: ledger.void(c, g.reference, amount, now=self.now)
+                )
+            except ledger.InvalidAmount:
+                assert amount is not None and amount > open_
+                return
+            requested = open_ if amount is None else amount
+            assert requested <= open_
+            live = g.expires_at is None or g.expires_at > self.now
+            voided = min(requested, g.free) if live else 0
+            assert (done.requested, done.voided, done.shortfall) == (
+                requested,
+                voided,
+                requested - voided,
+            )
+            g.free -= voided
+            g.voided += voided
+            g.shortfall += requested - voided
 
         @rule(target=holds, amount=st.integers(1, 25), ttl_s=st.integers(1, 3600))
         def hold(self, amount: int, ttl_s: int) -> str:

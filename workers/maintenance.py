@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.db import get_engine
+from orchestrator.payments.purchases import lapse_due
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay, relay_quietly
 from orchestrator.settlement.lease_sweep import sweep
@@ -43,9 +44,11 @@ def republish_task() -> int:
 
 @app.task(name="tollgate.tunes")
 def tunes_task() -> dict[str, int]:
-    """Retention sweep, and renders for tunes whose credits arrived by any path."""
+    """Scheduled plan lapses, the retention sweep, and renders for tunes whose credits
+    arrived by any path."""
     engine = get_engine()
+    lapsed = lapse_due(engine)
     swept = sweep_expired(engine, get_storage())
     started = start_waiting_renders(engine)
     relay(engine, get_publisher())
-    return {"expired": len(swept), "renders_started": len(started)}
+    return {"lapsed": len(lapsed), "expired": len(swept), "renders_started": len(started)}

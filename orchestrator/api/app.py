@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from sqlalchemy import text
 
 import billing
@@ -21,6 +21,7 @@ from orchestrator import db
 from orchestrator.api import (
     routes_account,
     routes_admin,
+    routes_billing,
     routes_jobs,
     routes_styles,
     routes_tunes,
@@ -111,6 +112,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     plain_errors: tuple[tuple[type[Exception], int], ...] = (
         (jobs.JobNotFound, status.HTTP_404_NOT_FOUND),
         (billing.UnknownAccount, status.HTTP_404_NOT_FOUND),
+        (billing.UnknownGrant, status.HTTP_404_NOT_FOUND),
         (jobs.IdempotencyConflict, status.HTTP_409_CONFLICT),
         (jobs.CannotCancel, status.HTTP_409_CONFLICT),
         (billing.ReferenceConflict, status.HTTP_409_CONFLICT),
@@ -130,8 +132,16 @@ def create_app() -> FastAPI:
     app.include_router(routes_admin.router)
     app.include_router(routes_styles.router)
     app.include_router(routes_tunes.router)
+    app.include_router(routes_billing.router)
 
     registry, requests, latency = make_registry(db.get_engine, lambda: get_settings().redis_url)
+    app.state.payment_events = Counter(
+        "tollgate_payment_events",
+        "Payment provider webhook events by provider, type and outcome (processed, duplicate,"
+        " ignored, unhandled: an unknown type, rejected: a 400, failed)",
+        ["provider", "type", "outcome"],
+        registry=registry,
+    )
     app.add_middleware(RequestMetrics, requests=requests, latency=latency)
     app.add_middleware(BodyLimit)
 

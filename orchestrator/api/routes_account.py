@@ -9,7 +9,7 @@ from sqlalchemy import Connection, select
 
 from billing import ledger
 from billing.db import run_transaction
-from billing.tables import entries
+from billing.tables import entries, grants, holds
 from orchestrator.api.deps import AccountId, EngineDep
 from orchestrator.api.schemas import BalanceOut, ErrorOut, LedgerPage
 
@@ -32,7 +32,10 @@ def balance(account_id: AccountId, engine: EngineDep) -> dict[str, dict[str, int
 def ledger_page(
     conn: Connection, account_id: str, limit: int, before: int | None
 ) -> dict[str, Any]:
-    """One page of an account's entries, newest first; `next_before` continues it."""
+    """One page of an account's entries, newest first; `next_before` continues it. Grant
+    entries (grant, void, expire_grant) carry the grant's reference and source; hold entries
+    (hold, commit, release, expire_hold) the hold's reference and the job it is for (a hold's
+    reference is its job id, or `<job id>:render:<n>` for a tune's render)."""
     stmt = (
         select(
             entries.c.id,
@@ -41,6 +44,14 @@ def ledger_page(
             entries.c.delta_balance,
             entries.c.delta_held,
             entries.c.created_at,
+            grants.c.reference.label("grant_reference"),
+            grants.c.source,
+            holds.c.reference.label("hold_reference"),
+        )
+        .select_from(
+            entries.outerjoin(grants, grants.c.id == entries.c.grant_id).outerjoin(
+                holds, holds.c.id == entries.c.hold_id
+            )
         )
         .where(entries.c.account_id == account_id)
         .order_by(entries.c.id.desc())
@@ -49,7 +60,13 @@ def ledger_page(
     if before is not None:
         stmt = stmt.where(entries.c.id < before)
     rows = conn.execute(stmt).all()
-    page = [row._asdict() for row in rows[:limit]]
+    page = []
+    for row in rows[:limit]:
+        entry = row._asdict()
+        grant_ref, hold_ref = entry.pop("grant_reference"), entry.pop("hold_reference")
+        entry["reference"] = grant_ref or hold_ref
+        entry["job_id"] = hold_ref.split(":render:")[0] if hold_ref else None
+        page.append(entry)
     return {"entries": page, "next_before": page[-1]["id"] if len(rows) > limit else None}
 
 
@@ -60,5 +77,6 @@ def ledger_entries(
     limit: Annotated[int, Query(ge=1, le=LEDGER_LIMIT_MAX)] = 50,
     before: Annotated[int | None, Query(ge=1, description="an entry id: older ones")] = None,
 ) -> dict[str, Any]:
-    """Your ledger entries (grants, holds, commits, releases, expiries), newest first."""
+    """Your ledger entries, newest first: grants (purchases, plan credits, ...), voids and
+    expiries with their grant's reference; holds, commits and releases with their job id."""
     return run_transaction(engine, lambda conn: ledger_page(conn, account_id, limit, before))

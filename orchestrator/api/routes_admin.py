@@ -7,16 +7,29 @@ from typing import Any, Final, Literal
 
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel
+from sqlalchemy import select
 
 from billing import ledger
 from billing.db import run_transaction
+from billing.tables import grants
 from orchestrator import accounts
 from orchestrator.api.deps import Admin, EngineDep
-from orchestrator.api.schemas import AccountIn, AccountOut, ErrorOut, GrantIn, GrantOut
+from orchestrator.api.routes_billing import set_from_body
+from orchestrator.api.schemas import (
+    AccountIn,
+    AccountOut,
+    AlertsIn,
+    AlertsOut,
+    ErrorOut,
+    GrantIn,
+    GrantOut,
+    VoidIn,
+    VoidOut,
+)
+from orchestrator.payments import purchases
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay
-from orchestrator.settlement import retention
-from orchestrator.tunes import service as tunes
+from orchestrator.settlement import alerts, retention
 
 router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Admin])
 
@@ -54,9 +67,9 @@ def grant_credits(
     account_id: str, body: GrantIn, engine: EngineDep, response: Response
 ) -> dict[str, Any]:
     """Add credits. Idempotent on `reference` (201 the first time, 200 after)."""
-    granted = run_transaction(
-        engine,
-        lambda conn: ledger.grant(
+
+    def work(conn: Any) -> ledger.Grant:
+        granted = ledger.grant(
             conn,
             account_id,
             body.kind,
@@ -64,13 +77,15 @@ def grant_credits(
             source=body.source,
             reference=body.reference,
             expires_at=body.expires_at,
-        ),
-    )
+        )
+        alerts.check(conn, account_id, body.kind)  # a top-up re-arms
+        return granted
+
+    granted = run_transaction(engine, work)
     if not granted.created:
         response.status_code = status.HTTP_200_OK
-    elif body.kind == "tune_image":
-        tunes.start_waiting_renders(engine, account_id)  # trained tunes waiting for credits
-        relay_quietly_all(engine)
+    else:  # trained tunes waiting for tune_image credits start rendering
+        purchases.credits_arrived(engine, account_id, {body.kind})
     return {
         "id": granted.id,
         "account_id": granted.account_id,
@@ -96,3 +111,51 @@ def change_plan(account_id: str, body: PlanIn, engine: EngineDep) -> dict[str, s
     """Change an account's plan; recomputes its tunes' expiry (a lapse starts the clock)."""
     retention.set_plan(engine, account_id, body.plan)
     return {"id": account_id, "plan": body.plan}
+
+
+@router.post(
+    "/accounts/{account_id}/grants/{reference}/void",
+    response_model=VoidOut,
+    responses={
+        **ERRORS,
+        404: {"model": ErrorOut, "description": "unknown grant (for this account)"},
+    },
+)
+def void_grant(
+    account_id: str, reference: str, engine: EngineDep, body: VoidIn | None = None
+) -> Any:
+    """Void a grant's credits, all that is left (no body, or no `amount`) or `amount` of
+    them. Only the free remainder goes now; held credits are voided when their hold gives
+    them back; spent or expired ones are the `shortfall`."""
+    amount = body.amount if body is not None else None
+
+    def work(conn: Any) -> ledger.Void:
+        found = conn.execute(
+            select(grants.c.account_id).where(grants.c.reference == reference)
+        ).scalar_one_or_none()
+        if found != account_id:
+            raise ledger.UnknownGrant(reference)
+        return purchases.void_grant(conn, reference, amount)
+
+    done = run_transaction(engine, work)
+    relay_quietly_all(engine)  # the grant.voided event (and a balance.low webhook)
+    return {
+        "reference": done.reference,
+        "account_id": done.account_id,
+        "kind": done.kind,
+        "requested": done.requested,
+        "voided": done.voided,
+        "shortfall": done.shortfall,
+        "total_voided": done.total_voided,
+        "total_shortfall": done.total_shortfall,
+    }
+
+
+@router.put(
+    "/accounts/{account_id}/alerts",
+    response_model=AlertsOut,
+    responses={**ERRORS, 404: {"model": ErrorOut}},
+)
+def put_account_alerts(account_id: str, body: AlertsIn, engine: EngineDep) -> dict[str, Any]:
+    """An account's low-balance thresholds and webhook URL (as PUT /v1/alerts)."""
+    return set_from_body(engine, account_id, body)

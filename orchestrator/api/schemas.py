@@ -146,6 +146,11 @@ class EntryOut(BaseModel):
     delta_balance: int
     delta_held: int
     created_at: datetime
+    reference: str | None = Field(
+        None, description="the grant's reference (grants, voids, expiries) or the hold's"
+    )
+    source: str | None = Field(None, description="a grant's source: purchase, plan, promo...")
+    job_id: str | None = Field(None, description="the job a hold, commit or release is for")
 
 
 class LedgerPage(BaseModel):
@@ -180,6 +185,40 @@ class GrantOut(BaseModel):
     amount: int
     reference: str
     created: bool
+
+
+class VoidIn(BaseModel):
+    amount: StrictInt | None = Field(
+        None, description="credits to void; absent: all that no void has asked for yet"
+    )
+
+
+class VoidOut(BaseModel):
+    reference: str
+    account_id: str
+    kind: str
+    requested: int
+    voided: int = Field(description="taken out of the grant's free remainder now")
+    shortfall: int = Field(description="not there: spent, expired, or held (voided on release)")
+    total_voided: int
+    total_shortfall: int
+
+
+class AlertsIn(BaseModel):
+    thresholds: dict[str, StrictInt | None] = Field(
+        default_factory=dict,
+        description="per kind (image, tune, tune_image): alert when available falls below;"
+        " null removes the kind's alert; kinds not named are kept",
+    )
+    webhook_url: str | None = Field(
+        None, description="where balance.low is POSTed (absent: unchanged; null: removed)"
+    )
+
+
+class AlertsOut(BaseModel):
+    webhook_url: str | None
+    thresholds: dict[str, int]
+    armed: dict[str, bool]
 
 
 class ErrorOut(BaseModel):

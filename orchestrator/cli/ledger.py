@@ -115,6 +115,40 @@ def credits_grant(
     click.echo(f"{verb} {amount} {kind} credits to {account} (reference {ref})")
 
 
+@credits.command("void")
+@click.argument("reference")
+@click.option("--amount", type=int, default=None, help="Credits to void (default: all left).")
+@click.option("--json", "as_json", is_flag=True)
+def credits_void(reference: str, amount: int | None, as_json: bool) -> None:
+    """Void the grant REFERENCE (a refund): its free credits now, held ones when released;
+    what was already spent or expired is reported as the shortfall."""
+    from orchestrator.payments.purchases import void_grant
+
+    try:
+        done = run_transaction(get_engine(), lambda conn: void_grant(conn, reference, amount))
+    except billing.BillingError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    if as_json:
+        print_json(
+            {
+                "reference": done.reference,
+                "account_id": done.account_id,
+                "kind": done.kind,
+                "requested": done.requested,
+                "voided": done.voided,
+                "shortfall": done.shortfall,
+                "total_voided": done.total_voided,
+                "total_shortfall": done.total_shortfall,
+            }
+        )
+        return
+    click.echo(
+        f"voided {done.voided} of {done.requested} {done.kind} credits of grant {reference}"
+        f" (shortfall {done.shortfall}; in all voided {done.total_voided},"
+        f" shortfall {done.total_shortfall})"
+    )
+
+
 @credits.command("balance")
 @click.argument("account")
 @click.option("--json", "as_json", is_flag=True)

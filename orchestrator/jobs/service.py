@@ -27,7 +27,7 @@ from orchestrator.jobs.deadlines import deadline_s, hold_ttl_s
 from orchestrator.jobs.images import decode_b64, image_key, store_image
 from orchestrator.jobs.records import JobNotFound, event_payload, get_row, lock_job, view
 from orchestrator.scheduling import outbox
-from orchestrator.settlement import lease_sweep
+from orchestrator.settlement import alerts, lease_sweep
 from orchestrator.settlement.settle import settler_for
 from orchestrator.storage import Storage
 from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN, jobs
@@ -187,6 +187,7 @@ def submit(
             ttl_s=hold_ttl_s(spec_),
             now=now,
         )
+        alerts.check(conn, account_id, price.credit_kind, now, job_id)
         if kind.after_hold is not None:
             kind.after_hold(conn, storage, job_id, account_id, spec_, now)
         outbox.add_many(

@@ -13,6 +13,7 @@ from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.jobs import states
 from orchestrator.jobs.records import lock_job
+from orchestrator.settlement import alerts
 from orchestrator.settlement.settle import settler_for
 from orchestrator.tables import jobs
 
@@ -53,7 +54,7 @@ def reap(engine: Engine, now: datetime | None = None, limit: int = REAP_BATCH_MA
             _expire_hold(conn, reference, now)
 
         run_transaction(engine, expire_one)
-    run_transaction(engine, lambda c: ledger.expire_grants(c, now=now))
+    run_transaction(engine, lambda c: alerts.expire_grants_and_check(c, now))
     return expired
 
 
@@ -61,3 +62,4 @@ def _expire_hold(conn: Connection, reference: str, now: datetime) -> None:
     hold = ledger.get_hold(conn, reference)
     if hold is not None and hold.status == "open" and hold.expires_at <= now:
         ledger.expire(conn, reference, now=now)
+        alerts.check(conn, hold.account_id, hold.kind, now)

@@ -38,36 +38,36 @@ def expires_at_for(plan: str, lapsed_at: datetime | None, trained_at: datetime) 
 def set_plan(engine: Engine, account_id: str, plan: str, now: datetime | None = None) -> None:
     """Change an account's plan and recompute its tunes' expiry. Leaving a paid plan starts
     the lapse clock; returning to one stops it."""
+    run_transaction(engine, lambda conn: apply_plan(conn, account_id, plan, now or utcnow()))
 
-    def work(conn: Connection) -> None:
-        at = now or utcnow()
-        account = ledger.get_account(conn, account_id)
-        if plan not in ledger.PLANS:
-            raise ledger.InvalidAmount("plan", f"must be one of {', '.join(ledger.PLANS)}")
-        lapsed = account.plan_lapsed_at
-        if plan in PAID_PLANS:
-            lapsed = None
-        elif account.plan in PAID_PLANS:
-            lapsed = at
-        conn.execute(
-            update(accounts)
-            .where(accounts.c.id == account_id)
-            .values(plan=plan, plan_lapsed_at=lapsed)
+
+def apply_plan(conn: Connection, account_id: str, plan: str, at: datetime) -> None:
+    """set_plan in the caller's transaction; `at` is when a lapse starts the clock."""
+    account = ledger.get_account(conn, account_id)
+    if plan not in ledger.PLANS:
+        raise ledger.InvalidAmount("plan", f"must be one of {', '.join(ledger.PLANS)}")
+    lapsed = account.plan_lapsed_at
+    if plan in PAID_PLANS:
+        lapsed = None
+    elif account.plan in PAID_PLANS:
+        lapsed = at
+    conn.execute(
+        update(accounts)
+        .where(accounts.c.id == account_id)
+        .values(plan=plan, plan_lapsed_at=lapsed, plan_lapses_at=None)
+    )
+    for tune in conn.execute(
+        select(tunes).where(
+            tunes.c.account_id == account_id,
+            tunes.c.trained_at.is_not(None),
+            tunes.c.weights_deleted_at.is_(None),
         )
-        for tune in conn.execute(
-            select(tunes).where(
-                tunes.c.account_id == account_id,
-                tunes.c.trained_at.is_not(None),
-                tunes.c.weights_deleted_at.is_(None),
-            )
-        ):
-            conn.execute(
-                update(tunes)
-                .where(tunes.c.id == tune.id)
-                .values(expires_at=expires_at_for(plan, lapsed, tune.trained_at))
-            )
-
-    run_transaction(engine, work)
+    ):
+        conn.execute(
+            update(tunes)
+            .where(tunes.c.id == tune.id)
+            .values(expires_at=expires_at_for(plan, lapsed, tune.trained_at))
+        )
 
 
 def sweep_expired(

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Row
 from billing import ledger
 from orchestrator.jobs import kinds
 from orchestrator.jobs.records import transition
+from orchestrator.settlement import alerts
 
 
 def settle(
@@ -32,6 +33,7 @@ def settle(
             if charge
             else ledger.release(conn, row.id, now=now)
         )
+        alerts.check(conn, row.account_id, row.credit_kind, now, row.id)
     charged = hold.committed if hold is not None else 0
     return transition(
         conn,

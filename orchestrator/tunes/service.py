@@ -32,6 +32,7 @@ from orchestrator.jobs.deadlines import HOLD_GRACE_S, QUEUE_ALLOWANCE_S
 from orchestrator.jobs.images import decode_b64, image_key, store_image
 from orchestrator.jobs.records import JobNotFound, lock_job, transition, view
 from orchestrator.scheduling import outbox
+from orchestrator.settlement import alerts
 from orchestrator.settlement.retention import expires_at_for
 from orchestrator.storage import Storage
 from orchestrator.tables import jobs, tunes
@@ -147,6 +148,7 @@ def _try_render_hold(conn: Connection, tune_id: str, account_id: str, now: datet
         )
     except InsufficientCredits:
         return False
+    alerts.check(conn, account_id, "tune_image", now, tune_id)
     conn.execute(
         update(tunes)
         .where(tunes.c.id == tune_id)
@@ -175,6 +177,7 @@ def _release_all(conn: Connection, row: Row[Any], now: datetime) -> int:
     render = _open_render_hold(conn, get_tune(conn, row.id))
     if render is not None:
         ledger.release(conn, render.reference, now=now)
+    alerts.check_all(conn, row.account_id, now, row.id)
     return refunded
 
 
@@ -259,6 +262,7 @@ def settle_render(
             ledger.commit(conn, hold.reference, charge, now=now)
         else:
             ledger.release(conn, hold.reference, now=now)
+        alerts.check(conn, row.account_id, "tune_image", now, row.id)
     return transition(conn, row.id, status, now, error=error, lease_token=None)
 
 

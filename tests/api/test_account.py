@@ -53,7 +53,17 @@ def test_balance_and_ledger_pages(client: TestClient, made_accounts: list[str]) 
     ids = [e["id"] for e in seen]
     assert ids == sorted(ids, reverse=True)
     assert seen[-1]["delta_balance"] == 10 and seen[0]["delta_held"] == 1
-    assert set(seen[0]) == {"id", "kind", "type", "delta_balance", "delta_held", "created_at"}
+    assert set(seen[0]) == {
+        "id",
+        "kind",
+        "type",
+        "delta_balance",
+        "delta_held",
+        "created_at",
+        "reference",
+        "source",
+        "job_id",
+    }
     bad = client.get("/v1/ledger", params={"limit": 0}, headers=headers)
     assert bad.status_code == 422 and bad.json()["field"] == "limit"
 
