@@ -1,7 +1,7 @@
 """billing: voids, payment events and grants, subscriptions, low-balance alerts
 
 Revision ID: 0009
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-01 21:30:00.000000
 
 - grants.voided / grants.void_shortfall and the `void` entry type (billing.voids);
