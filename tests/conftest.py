@@ -152,3 +152,14 @@ def models_kit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = Path(env) if env else tmp_path_factory.mktemp("tiny-kit")
     make_tiny(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """moto's S3 server as a real child process, with a bucket; the AWS_* variables that
+    reach it, and TOLLGATE_STORAGE_URL=s3://<bucket>/<prefix>."""
+    from tests.support.s3 import moto_s3
+
+    with moto_s3(tmp_path_factory.mktemp("moto")) as env:
+        bucket = env["TOLLGATE_TEST_S3_BUCKET"]
+        yield {**env, "TOLLGATE_STORAGE_URL": f"s3://{bucket}/tollgate"}
