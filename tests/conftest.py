@@ -78,6 +78,9 @@ def any_engine(request: pytest.FixtureRequest) -> Engine:
     return engine
 
 
+# A fixed Standard Webhooks secret for the test session's processes (tests verify with it).
+TEST_WEBHOOK_SECRET = "whsec_8S/6Fc39ylIzSAv085SSejSpgmKZEeOB20ujjSSatrE="
+
 REDIS_BASE_URL = os.environ.get("TOLLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DB_COUNT = 16
 REDIS_LOCK_KEY = "tollgate:test-session-lock"
@@ -123,7 +126,8 @@ def service_env(pg_url: str, redis_url: str, storage_url: str) -> dict[str, str]
         "TOLLGATE_REDIS_URL": redis_url,
         "TOLLGATE_STORAGE_URL": storage_url,
         "TOLLGATE_ADMIN_TOKEN": "test-admin-token",
-        "TOLLGATE_CALLBACK_SECRET": "test-callback-secret",
+        "TOLLGATE_CALLBACK_SECRET": TEST_WEBHOOK_SECRET,
+        "TOLLGATE_CALLBACK_BACKOFF_S": "0.2",
     }
 
 
