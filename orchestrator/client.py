@@ -83,7 +83,11 @@ def new_idempotency_key() -> str:
 
 
 def job_message(
-    account_id: str, spec: Mapping[str, Any], idempotency_key: str, callback_url: str | None
+    account_id: str,
+    spec: Mapping[str, Any],
+    idempotency_key: str,
+    callback_url: str | None,
+    webhook_events_filter: list[str] | None = None,
 ) -> str:
     body: dict[str, Any] = {
         "account_id": account_id,
@@ -92,6 +96,8 @@ def job_message(
     }
     if callback_url is not None:
         body["callback_url"] = callback_url
+    if webhook_events_filter is not None:
+        body["webhook_events_filter"] = list(webhook_events_filter)
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -208,6 +214,7 @@ class TollgateClient:
         spec: Mapping[str, Any],
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        webhook_events_filter: list[str] | None = None,
     ) -> Submission:
         """XADD the job; returns the message id and the idempotency key (generated when none
         is given), plus where `wait` starts reading."""
@@ -215,7 +222,7 @@ class TollgateClient:
         events_from = self._last_id(self.events_stream)
         dead_from = self._last_id(self.dead_stream)
         message_id = self.redis.xadd(
-            self.jobs_stream, {"job": job_message(account_id, spec, key, callback_url)}
+            self.jobs_stream, {"job": job_message(account_id, spec, key, callback_url, webhook_events_filter)}
         )
         submission = Submission(str(message_id), key, account_id, events_from, dead_from)
         self._submissions[key] = submission
