@@ -222,7 +222,8 @@ class TollgateClient:
         events_from = self._last_id(self.events_stream)
         dead_from = self._last_id(self.dead_stream)
         message_id = self.redis.xadd(
-            self.jobs_stream, {"job": job_message(account_id, spec, key, callback_url, webhook_events_filter)}
+            self.jobs_stream,
+            {"job": job_message(account_id, spec, key, callback_url, webhook_events_filter)},
         )
         submission = Submission(str(message_id), key, account_id, events_from, dead_from)
         self._submissions[key] = submission

@@ -106,9 +106,7 @@ def list_jobs(
 ) -> dict[str, Any]:
     """Your jobs, newest first (outputs with expiring URLs, as in GET /v1/jobs/{id})."""
     sign = output_urls.signer(storage, output_urls.base_url(request))
-    return {
-        "jobs": jobs.list_jobs(engine, account_id, status=job_status, limit=limit, sign=sign)
-    }
+    return {"jobs": jobs.list_jobs(engine, account_id, status=job_status, limit=limit, sign=sign)}
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS)

@@ -83,9 +83,7 @@ def _redis_url() -> str:
 @click.option("--account", "account_id", required=True, help="The paying account's id.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow the job to its end.")
 @click.option("--idempotency-key", default=None, help="Default: a new one (printed).")
-@click.option(
-    "--callback-url", default=None, help="Receives the job's events (Standard Webhooks)."
-)
+@click.option("--callback-url", default=None, help="Receives the job's events (Standard Webhooks).")
 @click.option(
     "--webhook-events",
     "webhook_events",

@@ -3,8 +3,8 @@ announced through the outbox). Used by every stage; imports no stage."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -111,8 +111,8 @@ def transition(
     **values: Any,
 ) -> Row[Any]:
     """Move a locked job to `new_status`, announcing it through the outbox (event, and the
-    client's webhook for `start` and `completed` when its events filter asks for them). `current` is the status the caller
-    read under the lock, when it has it (saves a read)."""
+    client's webhook for `start` and `completed` when its events filter asks for them).
+    `current` is the status the caller read under the lock, when it has it (saves a read)."""
     if current is None:
         current = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one()
     if current != new_status and not states.can_transition(current, new_status):
