@@ -35,6 +35,10 @@ def contact_sheet(
     tune_id: str, account_id: AccountId, engine: EngineDep, storage: StorageDep
 ) -> Response:
     view = tunes.tune_view(engine, storage, account_id, tune_id)
+    if view["outputs_deleted_at"] is not None:
+        raise HTTPException(
+            status.HTTP_410_GONE, "the contact sheet was deleted after the retention period"
+        )
     if view["contact_sheet"] is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no contact sheet yet")
     return Response(storage.get(f"tunes/{tune_id}/contact_sheet.png"), media_type="image/png")
