@@ -10,6 +10,9 @@ reads everything that happened after it: the intake's `accepted` event (which ma
 idempotency key to a job id), the job's state changes and progress, or a dead letter for the
 message (raised as `DeadLettered`, with the intake's reason). Both streams are capped, so a
 `wait` on a job that ended long ago (or without a `submit` from this client) may time out.
+
+Receiving webhooks: `verify_webhook(body, headers, secret)` checks a delivery's Standard
+Webhooks signature and age and returns the message (`{"type", "timestamp", "data"}`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
+import standardwebhooks
 
 from orchestrator.events import EVENTS_STREAM
 from orchestrator.ingress.streams import DEAD_STREAM, JOBS_STREAM
@@ -34,6 +38,8 @@ READ_BLOCK_MS_MAX: Final = 1_000
 # arrives after them.
 UNMATCHED_MAX: Final = 10_000
 GENERATED_KEY_PREFIX: Final = "client-"
+
+WebhookVerificationError = standardwebhooks.WebhookVerificationError
 
 ProgressCallback = Callable[[int, int], None]
 StatusCallback = Callable[[str, str], None]  # (job_id, status)
@@ -76,6 +82,17 @@ class JobOutcome:
     @property
     def succeeded(self) -> bool:
         return self.status == states.SUCCEEDED
+
+
+def verify_webhook(
+    payload: bytes | str, headers: Mapping[str, str], secret: str
+) -> dict[str, Any]:
+    """Verify a Tollgate webhook delivery (Standard Webhooks: the webhook-id,
+    webhook-timestamp and webhook-signature headers, a `whsec_` secret) and return the parsed
+    message. Raises WebhookVerificationError for a bad or missing signature, or a timestamp
+    more than 5 minutes off. Deduplicate on headers["webhook-id"]: it is the same on retries."""
+    message: dict[str, Any] = standardwebhooks.Webhook(secret).verify(payload, dict(headers))
+    return message
 
 
 def new_idempotency_key() -> str:

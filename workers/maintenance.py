@@ -6,8 +6,8 @@ from orchestrator.db import get_engine
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay, relay_quietly
 from orchestrator.settlement.lease_sweep import sweep
-from orchestrator.settlement.reaper import reap
 from orchestrator.settlement.output_retention import sweep_outputs
+from orchestrator.settlement.reaper import reap
 from orchestrator.settlement.retention import sweep_expired
 from orchestrator.storage import get_storage
 from orchestrator.tunes.service import start_waiting_renders
