@@ -58,11 +58,17 @@ class JobRequest(BaseModel):
         description="receives the job's events as Standard Webhooks (webhook-id, "
         "webhook-timestamp, webhook-signature headers; TOLLGATE_CALLBACK_SECRET)",
     )
-    webhook_events_filter: list[str] | None = Field(
+    # Checked by the job service (422 naming `webhook_events_filter`), so a bad value is
+    # not mistaken for a bare spec by the union of request shapes.
+    webhook_events_filter: Any = Field(
         None,
         description="which events reach callback_url: any of start, progress (at most one "
         "every 2 s), completed; default [completed]",
-        max_length=3,
+        json_schema_extra={
+            "type": "array",
+            "items": {"type": "string", "enum": ["start", "progress", "completed"]},
+            "maxItems": 3,
+        },
     )
 
 
