@@ -62,6 +62,7 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
         lambda ctx: runner_for(job_type)(ctx),
         on_progress,
         phase,
+        on_started=lambda: relay_quietly(engine, publisher, job_id),
     )
     relay_quietly(engine, publisher, job_id)
     return result

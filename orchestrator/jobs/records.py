@@ -126,14 +126,14 @@ def transition(
         .returning(*jobs.c)
     ).one()
     messages: list[tuple[str, dict[str, Any]]] = [("event", event_payload(row))]
-    event = _webhook_event(current, new_status)
+    event = webhook_event(current, new_status)
     if event is not None and webhooks.wants(row, event):
         messages.append(("callback", webhooks.message(row, event, view(row), now)))
     outbox.add_many(conn, job_id, messages)
     return row
 
 
-def _webhook_event(current: str, new: str) -> str | None:
+def webhook_event(current: str, new: str) -> str | None:
     if states.is_terminal(new):
         return "completed"
     if new in (states.RUNNING, states.TRAINING) and current in (states.QUEUED, states.DISPATCHED):
