@@ -21,11 +21,11 @@ from standardwebhooks import Webhook
 from billing.db import run_transaction
 from orchestrator.db import get_engine
 from orchestrator.jobs import webhooks
+from orchestrator.jobs.webhooks import CALLBACK_RETRIES_MAX
 from orchestrator.settings import get_settings
 from workers.app import app
 
 CALLBACK_TIMEOUT_S: Final = 10
-CALLBACK_RETRIES_MAX: Final = 6
 CALLBACK_BACKOFF_MAX_S: Final = 600
 ERROR_MAX_CHARS: Final = 300
 

@@ -20,6 +20,8 @@ from orchestrator.tables import jobs
 
 EVENTS: Final = ("start", "progress", "completed")
 DEFAULT_EVENTS: Final = ("completed",)
+# Retries of one delivery after its first try (then it is recorded as failed).
+CALLBACK_RETRIES_MAX: Final = 6
 # A job's progress webhooks are sent at most this often.
 PROGRESS_WEBHOOK_INTERVAL_S: Final = 2.0
 
