@@ -44,48 +44,59 @@ def _due(column: Any, now: datetime) -> Any:
     )
 
 
-def due_jobs(conn: Connection, now: datetime, limit: int) -> list[Any]:
-    return list(
-        conn.execute(
-            select(jobs.c.id, jobs.c.type, jobs.c.outputs)
-            .join(accounts, accounts.c.id == jobs.c.account_id)
-            .where(
-                jobs.c.finished_at.is_not(None),
-                jobs.c.outputs_deleted_at.is_(None),
-                _due(jobs.c.finished_at, now),
-            )
-            .order_by(jobs.c.finished_at)
-            .limit(limit)
+def due_jobs(
+    conn: Connection, now: datetime, limit: int, account_id: str | None = None
+) -> list[Any]:
+    stmt = (
+        select(jobs.c.id, jobs.c.type, jobs.c.outputs)
+        .join(accounts, accounts.c.id == jobs.c.account_id)
+        .where(
+            jobs.c.finished_at.is_not(None),
+            jobs.c.outputs_deleted_at.is_(None),
+            _due(jobs.c.finished_at, now),
         )
+        .order_by(jobs.c.finished_at)
+        .limit(limit)
     )
+    if account_id is not None:
+        stmt = stmt.where(jobs.c.account_id == account_id)
+    return list(conn.execute(stmt))
 
 
-def due_images(conn: Connection, now: datetime, limit: int) -> list[Any]:
-    return list(
-        conn.execute(
-            select(images.c.id, images.c.path)
-            .join(accounts, accounts.c.id == images.c.account_id)
-            .where(images.c.deleted_at.is_(None), _due(images.c.created_at, now))
-            .order_by(images.c.created_at)
-            .limit(limit)
-        )
+def due_images(
+    conn: Connection, now: datetime, limit: int, account_id: str | None = None
+) -> list[Any]:
+    stmt = (
+        select(images.c.id, images.c.path)
+        .join(accounts, accounts.c.id == images.c.account_id)
+        .where(images.c.deleted_at.is_(None), _due(images.c.created_at, now))
+        .order_by(images.c.created_at)
+        .limit(limit)
     )
+    if account_id is not None:
+        stmt = stmt.where(images.c.account_id == account_id)
+    return list(conn.execute(stmt))
 
 
 def sweep_outputs(
-    engine: Engine, storage: Storage, now: datetime | None = None, limit: int = SWEEP_BATCH_MAX
+    engine: Engine,
+    storage: Storage,
+    now: datetime | None = None,
+    limit: int = SWEEP_BATCH_MAX,
+    account_id: str | None = None,
 ) -> Swept:
-    """Delete up to `limit` jobs' expired outputs and `limit` expired input images."""
+    """Delete up to `limit` jobs' expired outputs and `limit` expired input images (of one
+    account with `account_id`: what `now` makes due for it, e.g. with a test's clock)."""
     at = now or utcnow()
     limit = max(1, min(limit, SWEEP_BATCH_MAX))
-    job_rows = run_transaction(engine, lambda c: due_jobs(c, at, limit))
+    job_rows = run_transaction(engine, lambda c: due_jobs(c, at, limit, account_id))
     for job in job_rows:
         for output in job.outputs or []:
             if output.get("key"):
                 storage.delete(output["key"])
         if job.type == "tune":
             storage.delete(f"tunes/{job.id}/contact_sheet.png")
-    image_rows = run_transaction(engine, lambda c: due_images(c, at, limit))
+    image_rows = run_transaction(engine, lambda c: due_images(c, at, limit, account_id))
     for image in image_rows:
         storage.delete(image.path)
 

@@ -59,8 +59,13 @@ def test_retention_deletes_outputs_by_plan_and_answers_410(
     key = f"outputs/{job['id']}/a1_0.png"
     assert storage.exists(key)
     # Free plan: 7 days. Day 6 keeps it; day 8 deletes it.
-    assert job["id"] not in sweep_outputs(pg_engine, storage, utcnow() + timedelta(days=6)).jobs
-    swept = sweep_outputs(pg_engine, storage, utcnow() + timedelta(days=8))
+    assert (
+        job["id"]
+        not in sweep_outputs(
+            pg_engine, storage, utcnow() + timedelta(days=6), account_id=user[0]
+        ).jobs
+    )
+    swept = sweep_outputs(pg_engine, storage, utcnow() + timedelta(days=8), account_id=user[0])
     assert job["id"] in swept.jobs and not storage.exists(key)
     assert client.get(out["url"]).status_code == 410
     assert client.get(out["api_url"], headers=user[1]).status_code == 410
@@ -68,7 +73,12 @@ def test_retention_deletes_outputs_by_plan_and_answers_410(
     assert after["outputs_deleted_at"] is not None
     assert after["outputs"][0]["deleted"] is True and after["outputs"][0]["url"] is None
     assert (after["status"], after["charged"]) == ("succeeded", 1)  # the record stays
-    assert job["id"] not in sweep_outputs(pg_engine, storage, utcnow() + timedelta(days=9)).jobs
+    assert (
+        job["id"]
+        not in sweep_outputs(
+            pg_engine, storage, utcnow() + timedelta(days=9), account_id=user[0]
+        ).jobs
+    )
 
 
 def test_paid_plans_keep_outputs_30_days_and_inputs_go_too(
@@ -84,8 +94,11 @@ def test_paid_plans_keep_outputs_30_days_and_inputs_go_too(
     job = delivered_job(client, headers, pg_engine, storage)
     image_id = upload.json()["image_id"]
     at = utcnow()
-    assert job["id"] not in sweep_outputs(pg_engine, storage, at + timedelta(days=29)).jobs
-    swept = sweep_outputs(pg_engine, storage, at + timedelta(days=31))
+    assert (
+        job["id"]
+        not in sweep_outputs(pg_engine, storage, at + timedelta(days=29), account_id=acc).jobs
+    )
+    swept = sweep_outputs(pg_engine, storage, at + timedelta(days=31), account_id=acc)
     assert job["id"] in swept.jobs and image_id in swept.images
     res = client.post(
         "/v1/jobs", json={"spec": {"type": "upscale", "image_id": image_id}}, headers=headers
