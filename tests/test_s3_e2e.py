@@ -193,6 +193,8 @@ def test_a_tune_on_s3_trains_renders_and_expires(
     assert sheet.status_code == 200 and Image.open(io.BytesIO(sheet.content)).width >= 8 * 64
     view = client.get(f"/v1/jobs/{tune_id}", headers=headers).json()
     assert httpx.get(view["outputs"][63]["url"]).status_code == 200
+    tune_out = client.get(f"/v1/tunes/{tune_id}", headers=headers).json()["outputs"][0]
+    assert "X-Amz-Signature" in tune_out["url"] and tune_out["expires_at"]
     # Output retention (free plan: 7 days) deletes the renders and the sheet; tune retention
     # (30 days after training) the weights.
     swept = sweep_outputs(pg_engine, s3, utcnow() + timedelta(days=8), account_id=acc)
