@@ -102,7 +102,8 @@ def test_start_progress_completed_with_progress_throttled(
     # 6 s of steps, progress written every 0.25 s: at most one webhook per 2 s gets through.
     assert 2 <= len(progress) <= 4, types
     gaps = [b.at - a.at for (a, _), (b, _) in zip(progress, progress[1:], strict=False)]
-    assert all(gap >= PROGRESS_WEBHOOK_INTERVAL_S - 0.5 for gap in gaps), gaps
+    # Sent >= 2 s apart; arrival times also carry the queueing jitter of the callback task.
+    assert all(gap >= PROGRESS_WEBHOOK_INTERVAL_S / 2 for gap in gaps), gaps
     steps = [m["data"]["progress"]["step"] for _, m in progress]
     assert steps == sorted(steps) and all(m["data"]["status"] == "running" for _, m in progress)
     ids = [d.headers["webhook-id"] for d in got]

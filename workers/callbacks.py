@@ -11,6 +11,7 @@ view): attempts, the last HTTP status, and `failed_at` after the last retry."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -24,6 +25,8 @@ from orchestrator.jobs import webhooks
 from orchestrator.jobs.webhooks import CALLBACK_RETRIES_MAX
 from orchestrator.settings import get_settings
 from workers.app import app
+
+log = logging.getLogger(__name__)
 
 CALLBACK_TIMEOUT_S: Final = 10
 CALLBACK_BACKOFF_MAX_S: Final = 600
@@ -84,9 +87,13 @@ def _short(exc: Exception) -> str:
 
 
 def _record(payload: dict[str, Any], webhook_id: str, outcome: dict[str, Any]) -> None:
+    """Best effort: a database error here must not stop the retries of the delivery."""
     job_id = payload.get("job_id")
     if not job_id:
         return
     event = str(payload["body"].get("type", "")).removeprefix("job.")
     delivery = {"id": webhook_id, "event": event, **outcome}
-    run_transaction(get_engine(), lambda c: webhooks.record_delivery(c, job_id, delivery))
+    try:
+        run_transaction(get_engine(), lambda c: webhooks.record_delivery(c, job_id, delivery))
+    except Exception:
+        log.exception("webhook %s: recording the delivery on job %s failed", webhook_id, job_id)
