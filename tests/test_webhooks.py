@@ -141,3 +141,17 @@ def test_after_the_last_retry_the_delivery_is_recorded_failed(
     assert shown["failed_at"] and "503" in shown["last_error"]
     assert row(pg_engine, job_id).status == "succeeded"  # the job itself is unaffected
     assert json.loads(got[0].body)["data"]["charged"] == 1
+
+
+def test_the_callback_secret_must_be_a_whsec_secret() -> None:
+    from pydantic import ValidationError
+
+    from orchestrator.settings import Settings, new_webhook_secret
+
+    for bad in ("change-me", "whsec_not-base64!", "whsec_" + "QUJD"):  # the last: 3 bytes
+        with pytest.raises(ValidationError, match="callback_secret"):
+            Settings(callback_secret=bad)
+    made = new_webhook_secret()
+    assert Settings(callback_secret=made).callback_secret == made
+    assert Settings(callback_secret="").callback_secret == ""
+    Webhook(made)  # the standardwebhooks package takes it
