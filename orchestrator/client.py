@@ -84,9 +84,7 @@ class JobOutcome:
         return self.status == states.SUCCEEDED
 
 
-def verify_webhook(
-    payload: bytes | str, headers: Mapping[str, str], secret: str
-) -> dict[str, Any]:
+def verify_webhook(payload: bytes | str, headers: Mapping[str, str], secret: str) -> dict[str, Any]:
     """Verify a Tollgate webhook delivery (Standard Webhooks: the webhook-id,
     webhook-timestamp and webhook-signature headers, a `whsec_` secret) and return the parsed
     message. Raises WebhookVerificationError for a bad or missing signature, or a timestamp

@@ -275,7 +275,9 @@ def get(
         if account_id is not None:
             stmt = stmt.where(jobs.c.account_id == account_id)
         row = conn.execute(stmt).first()
-        return None if row is None else {**view(row, sign), "attempts": leases.attempts(conn, job_id)}
+        if row is None:
+            return None
+        return {**view(row, sign), "attempts": leases.attempts(conn, job_id)}
 
     found = run_transaction(engine, work)
     if found is None:

@@ -1,7 +1,7 @@
 """delivery: per-job webhook events filter and delivery status, output and input retention
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-01 21:40:00.000000
 
 jobs.webhook_events_filter (JSON list; NULL: ["completed"]), jobs.webhook (the last delivery:
@@ -15,7 +15,7 @@ from alembic import op
 from billing.tables import UTCDateTime
 
 revision = "0008"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
