@@ -10,6 +10,9 @@ reads everything that happened after it: the intake's `accepted` event (which ma
 idempotency key to a job id), the job's state changes and progress, or a dead letter for the
 message (raised as `DeadLettered`, with the intake's reason). Both streams are capped, so a
 `wait` on a job that ended long ago (or without a `submit` from this client) may time out.
+
+Receiving webhooks: `verify_webhook(body, headers, secret)` checks a delivery's Standard
+Webhooks signature and age and returns the message (`{"type", "timestamp", "data"}`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
+import standardwebhooks
 
 from orchestrator.events import EVENTS_STREAM
 from orchestrator.ingress.streams import DEAD_STREAM, JOBS_STREAM
@@ -34,6 +38,8 @@ READ_BLOCK_MS_MAX: Final = 1_000
 # arrives after them.
 UNMATCHED_MAX: Final = 10_000
 GENERATED_KEY_PREFIX: Final = "client-"
+
+WebhookVerificationError = standardwebhooks.WebhookVerificationError
 
 ProgressCallback = Callable[[int, int], None]
 StatusCallback = Callable[[str, str], None]  # (job_id, status)
@@ -78,12 +84,25 @@ class JobOutcome:
         return self.status == states.SUCCEEDED
 
 
+def verify_webhook(payload: bytes | str, headers: Mapping[str, str], secret: str) -> dict[str, Any]:
+    """Verify a Tollgate webhook delivery (Standard Webhooks: the webhook-id,
+    webhook-timestamp and webhook-signature headers, a `whsec_` secret) and return the parsed
+    message. Raises WebhookVerificationError for a bad or missing signature, or a timestamp
+    more than 5 minutes off. Deduplicate on headers["webhook-id"]: it is the same on retries."""
+    message: dict[str, Any] = standardwebhooks.Webhook(secret).verify(payload, dict(headers))
+    return message
+
+
 def new_idempotency_key() -> str:
     return f"{GENERATED_KEY_PREFIX}{uuid.uuid4().hex}"
 
 
 def job_message(
-    account_id: str, spec: Mapping[str, Any], idempotency_key: str, callback_url: str | None
+    account_id: str,
+    spec: Mapping[str, Any],
+    idempotency_key: str,
+    callback_url: str | None,
+    webhook_events_filter: list[str] | None = None,
 ) -> str:
     body: dict[str, Any] = {
         "account_id": account_id,
@@ -92,6 +111,8 @@ def job_message(
     }
     if callback_url is not None:
         body["callback_url"] = callback_url
+    if webhook_events_filter is not None:
+        body["webhook_events_filter"] = list(webhook_events_filter)
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -208,6 +229,7 @@ class TollgateClient:
         spec: Mapping[str, Any],
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        webhook_events_filter: list[str] | None = None,
     ) -> Submission:
         """XADD the job; returns the message id and the idempotency key (generated when none
         is given), plus where `wait` starts reading."""
@@ -215,7 +237,8 @@ class TollgateClient:
         events_from = self._last_id(self.events_stream)
         dead_from = self._last_id(self.dead_stream)
         message_id = self.redis.xadd(
-            self.jobs_stream, {"job": job_message(account_id, spec, key, callback_url)}
+            self.jobs_stream,
+            {"job": job_message(account_id, spec, key, callback_url, webhook_events_filter)},
         )
         submission = Submission(str(message_id), key, account_id, events_from, dead_from)
         self._submissions[key] = submission

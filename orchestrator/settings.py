@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import secrets
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_VAR_DIR = Path("var")
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 class Settings(BaseSettings):
@@ -23,8 +27,21 @@ class Settings(BaseSettings):
     var_dir: Path = DEFAULT_VAR_DIR
     # Where inputs and outputs are stored: a local path or any fsspec URL.
     storage_url: str = str(DEFAULT_VAR_DIR / "storage")
-    # Secret for the HMAC-SHA256 signature of job callbacks.
-    callback_secret: str = "change-me"
+    # Job webhooks (Standard Webhooks): the signing secret, `whsec_` + base64 of 24..64
+    # random bytes (`tollgate webhooks secret` makes one; empty: deliveries fail, recorded),
+    # and the first retry's backoff (doubling, at most 600 s, 6 retries).
+    callback_secret: str = ""
+    callback_backoff_s: float = Field(default=2.0, gt=0, le=600)
+    # Expiring output URLs in GET /v1/jobs/{id}: presigned on S3, else HMAC-signed API URLs
+    # (key: output_url_secret; public_url: this API's address as clients reach it, default
+    # the request's own).
+    output_url_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    output_url_secret: str = "change-me"
+    public_url: str = ""
+    # Output retention: a job's outputs and input images are deleted this long after it
+    # ends (free plan / standard and business).
+    output_retention_free_days: int = Field(default=7, ge=1)
+    output_retention_paid_days: int = Field(default=30, ge=1)
     # Tunes: how long trained weights are kept (a free plan's from training, a lapsed paid
     # plan's from the lapse), the size and step cap of the 64-image render, and where a
     # worker keeps training checkpoints and downloaded LoRAs.
@@ -52,6 +69,27 @@ class Settings(BaseSettings):
         if self.lease_renew_interval_s * 2 > self.lease_ttl_s:
             raise ValueError("lease_renew_interval_s: must be at most half of lease_ttl_s")
         return self
+
+    @field_validator("callback_secret")
+    @classmethod
+    def _whsec(cls, value: str) -> str:
+        if value and not is_webhook_secret(value):
+            raise ValueError("must be `whsec_` + base64 of 24..64 bytes (or empty)")
+        return value
+
+
+def is_webhook_secret(value: str) -> bool:
+    if not value.startswith(WEBHOOK_SECRET_PREFIX):
+        return False
+    try:
+        raw = base64.b64decode(value.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return 24 <= len(raw) <= 64
+
+
+def new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ file under ./var/ is used. Children get the resolved settings through their envi
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
@@ -24,10 +25,22 @@ from typing import IO, Final
 import httpx
 
 from orchestrator.jobs.families import CALLBACK_QUEUE, GPU_QUEUES, MAINTENANCE_QUEUE
+from orchestrator.settings import new_webhook_secret
 
 STOP_GRACE_S: Final = 15
 READY_TIMEOUT_S: Final = 90
 COLORS: Final = ("36", "32", "33", "35", "34", "31")
+
+
+def kept_secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret in `path`, made (owner-only file) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
 
 
 def free_port() -> int:
@@ -99,6 +112,13 @@ class Standalone:
         self.env.setdefault("TOLLGATE_DATABASE_URL", f"sqlite:///{self.var_dir / 'tollgate.db'}")
         self.env.setdefault("TOLLGATE_STORAGE_URL", str(self.var_dir / "storage"))
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        # Signing secrets of webhooks and signed output URLs: made once, kept under var/.
+        for name, make in (
+            ("TOLLGATE_CALLBACK_SECRET", new_webhook_secret),
+            ("TOLLGATE_OUTPUT_URL_SECRET", lambda: secrets.token_hex(32)),
+        ):
+            if not self.env.get(name):
+                self.env[name] = kept_secret(self.var_dir / f"{name.lower()}.txt", make)
         if not self.env.get("TOLLGATE_REDIS_URL"):
             port = free_port()
             redis_dir = self.var_dir / "redis"

@@ -57,6 +57,12 @@ jobs = Table(
     Column("idempotency_key", String(IDEMPOTENCY_KEY_MAX_LEN), nullable=True),
     Column("request_hash", String(64), nullable=True),
     Column("callback_url", String(2000), nullable=True),
+    # Which job events are POSTed to callback_url (NULL: ["completed"]), and how the last
+    # delivery went: {"id", "event", "last_status", "attempts", "delivered_at" | "failed_at"}.
+    Column("webhook_events_filter", JSON, nullable=True),
+    Column("webhook", JSON, nullable=True),
+    # Set when output retention deleted the stored outputs (the outputs list stays).
+    Column("outputs_deleted_at", UTCDateTime, nullable=True),
     Column("source", String(10), nullable=False),
     # Each delivery of the task to a worker takes a new attempt; only the current attempt's
     # token may report progress or settle.
@@ -77,6 +83,7 @@ jobs = Table(
     Index("ix_jobs_account_created", "account_id", "created_at"),
     Index("ix_jobs_status_deadline", "status", "deadline_at"),
     Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+    Index("ix_jobs_finished_at", "finished_at"),
 )
 
 # Results as workers reported them, one row per attempt, including late ones (after the job
@@ -142,6 +149,9 @@ images = Table(
     Column("height", Integer, nullable=False),
     Column("bytes", Integer, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # Set when input retention deleted the stored image.
+    Column("deleted_at", UTCDateTime, nullable=True),
+    Index("ix_images_created_at", "created_at"),
 )
 
 # A tune: the job (same id) trains a LoRA, then renders 64 images. Per-tune data lives here;

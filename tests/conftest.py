@@ -78,6 +78,9 @@ def any_engine(request: pytest.FixtureRequest) -> Engine:
     return engine
 
 
+# A fixed Standard Webhooks secret for the test session's processes (tests verify with it).
+TEST_WEBHOOK_SECRET = "whsec_8S/6Fc39ylIzSAv085SSejSpgmKZEeOB20ujjSSatrE="
+
 REDIS_BASE_URL = os.environ.get("TOLLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DB_COUNT = 16
 REDIS_LOCK_KEY = "tollgate:test-session-lock"
@@ -123,7 +126,8 @@ def service_env(pg_url: str, redis_url: str, storage_url: str) -> dict[str, str]
         "TOLLGATE_REDIS_URL": redis_url,
         "TOLLGATE_STORAGE_URL": storage_url,
         "TOLLGATE_ADMIN_TOKEN": "test-admin-token",
-        "TOLLGATE_CALLBACK_SECRET": "test-callback-secret",
+        "TOLLGATE_CALLBACK_SECRET": TEST_WEBHOOK_SECRET,
+        "TOLLGATE_CALLBACK_BACKOFF_S": "0.2",
     }
 
 
@@ -152,3 +156,14 @@ def models_kit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = Path(env) if env else tmp_path_factory.mktemp("tiny-kit")
     make_tiny(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """moto's S3 server as a real child process, with a bucket; the AWS_* variables that
+    reach it, and TOLLGATE_STORAGE_URL=s3://<bucket>/<prefix>."""
+    from tests.support.s3 import moto_s3
+
+    with moto_s3(tmp_path_factory.mktemp("moto")) as env:
+        bucket = env["TOLLGATE_TEST_S3_BUCKET"]
+        yield {**env, "TOLLGATE_STORAGE_URL": f"s3://{bucket}/tollgate"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from orchestrator.jobs.families import FAMILIES, GPU_QUEUES, LONGEST_JOB_S
 from orchestrator.settings import get_settings
 from workers.celery_config import (
+    OUTPUTS_INTERVAL_S,
     REAP_INTERVAL_S,
     REPUBLISH_INTERVAL_S,
     TUNES_INTERVAL_S,
@@ -44,6 +45,7 @@ def test_periodic_runs_expire_when_the_next_is_due() -> None:
         "republish": ("tollgate.republish", REPUBLISH_INTERVAL_S),
         "leases": ("tollgate.leases", get_settings().lease_sweep_interval_s),
         "tunes": ("tollgate.tunes", TUNES_INTERVAL_S),
+        "outputs": ("tollgate.outputs", OUTPUTS_INTERVAL_S),
     }
     assert {
         name: (entry["task"], entry["schedule"]) for name, entry in schedule.items()

@@ -120,6 +120,31 @@ def test_cli_jobs_show_list_cancel_and_direct_submit(pg_engine: Engine) -> None:
     )
     assert refused.exit_code == 2 and "unknown account" in refused.stderr
 
+    hooked = runner.invoke(
+        cli,
+        [
+            "submit",
+            json.dumps(TXT2IMG),
+            "--account",
+            owner,
+            "--via",
+            "direct",
+            "--callback-url",
+            "http://127.0.0.1:9/hook",
+            "--webhook-events",
+            "completed,start",
+        ],
+    )
+    assert hooked.exit_code == 0, hooked.output
+    hooked_id = json.loads(hooked.stdout)["id"]
+    assert json.loads(hooked.stdout)["webhook"]["events"] == ["start", "completed"]
+    assert runner.invoke(cli, ["jobs", "cancel", hooked_id]).exit_code == 0
+    bad = runner.invoke(
+        cli,
+        ["submit", json.dumps(TXT2IMG), "--account", owner, "--webhook-events", "finished"],
+    )
+    assert bad.exit_code == 2 and "webhook_events_filter" in bad.stderr
+
 
 @pytest.mark.usefixtures("settings_env")
 def test_cli_jobs_show_lists_attempts(pg_engine: Engine, storage: Storage) -> None:

@@ -145,6 +145,23 @@ def test_an_invalid_spec_is_dead_lettered_naming_the_field(
     assert pending_count(rc, config) == 0
 
 
+def test_the_webhook_events_filter_is_taken_and_a_bad_one_dead_lettered_naming_it(
+    pg_engine: Engine, rc: redis.Redis, config: IntakeConfig, consumer: Consumer, account: str
+) -> None:
+    hook = {"callback_url": "http://127.0.0.1:9/hook"}
+    xadd(rc, config, job_text(account, key="h1", webhook_events_filter=["progress"], **hook))
+    xadd(rc, config, job_text(account, key="h2", webhook_events_filter=["done"], **hook))
+
+    drain(consumer)
+
+    [row] = jobs_of(pg_engine, account)
+    assert row.webhook_events_filter == ["progress"] and row.idempotency_key == "h1"
+    [dead] = dead_letters(rc, config)
+    assert dead["kind"] == "invalid_spec" and dead["field"] == "webhook_events_filter"
+    assert dead["idempotency_key"] == "h2"
+    jobs.cancel(pg_engine, None, row.id)  # leave no credits held
+
+
 def test_insufficient_credits_are_dead_lettered_and_a_rejected_job_is_recorded(
     pg_engine: Engine, rc: redis.Redis, config: IntakeConfig, consumer: Consumer
 ) -> None:

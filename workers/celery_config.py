@@ -30,6 +30,7 @@ TASK_MODULES = (
 REAP_INTERVAL_S = 15
 REPUBLISH_INTERVAL_S = 5
 TUNES_INTERVAL_S = 60
+OUTPUTS_INTERVAL_S = 300
 
 
 def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> Celery:
@@ -42,6 +43,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
     routes["tollgate.republish"] = {"queue": MAINTENANCE_QUEUE}
     routes["tollgate.leases"] = {"queue": MAINTENANCE_QUEUE}
     routes["tollgate.tunes"] = {"queue": MAINTENANCE_QUEUE}
+    routes["tollgate.outputs"] = {"queue": MAINTENANCE_QUEUE}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -73,6 +75,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
                 ("republish", "tollgate.republish", REPUBLISH_INTERVAL_S),
                 ("leases", "tollgate.leases", get_settings().lease_sweep_interval_s),
                 ("tunes", "tollgate.tunes", TUNES_INTERVAL_S),
+                ("outputs", "tollgate.outputs", OUTPUTS_INTERVAL_S),
             )
         },
         worker_hijack_root_logger=False,

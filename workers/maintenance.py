@@ -7,6 +7,7 @@ from orchestrator.payments.purchases import lapse_due
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay, relay_quietly
 from orchestrator.settlement.lease_sweep import sweep
+from orchestrator.settlement.output_retention import sweep_outputs
 from orchestrator.settlement.reaper import reap
 from orchestrator.settlement.retention import sweep_expired
 from orchestrator.storage import get_storage
@@ -52,3 +53,10 @@ def tunes_task() -> dict[str, int]:
     started = start_waiting_renders(engine)
     relay(engine, get_publisher())
     return {"lapsed": len(lapsed), "expired": len(swept), "renders_started": len(started)}
+
+
+@app.task(name="tollgate.outputs")
+def outputs_task() -> dict[str, int]:
+    """Output retention: one bounded batch of expired outputs and input images."""
+    swept = sweep_outputs(get_engine(), get_storage())
+    return {"jobs": len(swept.jobs), "images": len(swept.images)}

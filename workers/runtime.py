@@ -12,6 +12,7 @@ from celery import Task
 
 from orchestrator.db import get_engine
 from orchestrator.events import append_event
+from orchestrator.execution.progress_webhooks import ProgressWebhooks
 from orchestrator.execution.protocol import JOB_PHASE, Phase, Runner, execute
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay_quietly
@@ -35,8 +36,11 @@ def runner_for(job_type: str) -> Runner:
 
 def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) -> dict[str, Any]:
     engine, publisher = get_engine(), get_publisher()
+    hooks = ProgressWebhooks(engine, publisher, job_id)
 
     def on_progress(step: int, total: int) -> None:
+        with contextlib.suppress(Exception):  # best effort, like the event below
+            hooks(step, total)
         with contextlib.suppress(Exception):  # best effort: the job row has the truth
             append_event(
                 publisher.redis,
@@ -58,6 +62,7 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
         lambda ctx: runner_for(job_type)(ctx),
         on_progress,
         phase,
+        on_started=lambda: relay_quietly(engine, publisher, job_id),
     )
     relay_quietly(engine, publisher, job_id)
     return result

@@ -95,10 +95,7 @@ def local_lora(ctx: RunContext, tune_id: str) -> Path:
         raise RuntimeError(f"tune {tune_id} has no weights (expired or not trained)")
     path = get_settings().work_dir / "loras" / f"{tune_id}.safetensors"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(ctx.storage.get(tune.lora_key))
-        tmp.replace(path)
+        ctx.storage.download_to(tune.lora_key, path)
     return path
 
 

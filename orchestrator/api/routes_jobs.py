@@ -12,6 +12,7 @@ from starlette.types import Message
 
 import billing
 from billing.db import run_transaction
+from orchestrator.api import output_urls
 from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
 from orchestrator.api.schemas import (
     ErrorOut,
@@ -27,6 +28,7 @@ from orchestrator.jobs import service as jobs
 from orchestrator.jobs import states
 from orchestrator.jobs.images import IMAGE_BYTES_MAX, InvalidImage, store_image
 from orchestrator.scheduling.outbox import relay_quietly
+from orchestrator.storage import Storage
 from orchestrator.tables import images
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -73,8 +75,9 @@ def submit_job(
     """Submit a job: `{"spec": {...}, "callback_url": ...}`, or a bare spec. It is priced,
     the credits are held, and it is queued. With `Idempotency-Key`, retrying the same body
     returns the same job (200); another body under that key is a 409."""
+    events: list[str] | None = None
     if isinstance(body, JobRequest):
-        spec, callback_url = body.spec, body.callback_url
+        spec, callback_url, events = body.spec, body.callback_url, body.webhook_events_filter
     else:
         spec, callback_url = body.as_spec(), None
     submitted = jobs.submit(
@@ -84,6 +87,7 @@ def submit_job(
         spec,
         idempotency_key=idempotency_key,
         callback_url=callback_url,
+        webhook_events_filter=events,
     )
     relay_quietly(engine, publish, submitted.job["id"])
     if not submitted.created:
@@ -93,18 +97,27 @@ def submit_job(
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS)
 def list_jobs(
+    request: Request,
     account_id: AccountId,
     engine: EngineDep,
+    storage: StorageDep,
     job_status: Annotated[str | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=jobs.LIST_LIMIT_MAX)] = 20,
 ) -> dict[str, Any]:
-    """Your jobs, newest first."""
-    return {"jobs": jobs.list_jobs(engine, account_id, status=job_status, limit=limit)}
+    """Your jobs, newest first (outputs with expiring URLs, as in GET /v1/jobs/{id})."""
+    sign = output_urls.signer(storage, output_urls.base_url(request))
+    return {"jobs": jobs.list_jobs(engine, account_id, status=job_status, limit=limit, sign=sign)}
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS)
-def get_job(job_id: str, account_id: AccountId, engine: EngineDep) -> dict[str, Any]:
-    return jobs.get(engine, account_id, job_id)
+def get_job(
+    request: Request, job_id: str, account_id: AccountId, engine: EngineDep, storage: StorageDep
+) -> dict[str, Any]:
+    """A job. Each stored output has a `url` that works without an API key until its
+    `expires_at` (TOLLGATE_OUTPUT_URL_TTL_S): presigned on S3, HMAC-signed
+    /v1/outputs/... on local storage. `webhook` shows the last callback delivery."""
+    sign = output_urls.signer(storage, output_urls.base_url(request))
+    return jobs.get(engine, account_id, job_id, sign)
 
 
 @router.post(
@@ -138,6 +151,7 @@ def cancel_job(
     responses={
         **JOB_ERRORS,
         200: {"content": {"image/png": {}}, "description": "the PNG"},
+        410: {"model": ErrorOut, "description": "deleted by output retention"},
     },
 )
 def get_output(
@@ -145,16 +159,53 @@ def get_output(
 ) -> Response:
     """The PNG bytes of delivered output `index`."""
     row = run_transaction(engine, lambda conn: jobs.get_row(conn, account_id, job_id))
+    return output_response(row, index, storage)
+
+
+def output_response(row: Any, index: int, storage: Storage) -> Response:
+    """The PNG of a job row's delivered output `index`: 404 unknown, 410 deleted."""
     found = [o for o in row.outputs or [] if o.get("index") == index and o.get("delivered")]
     if not found or not found[0].get("key"):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no output {index}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {row.id} has no output {index}")
+    if row.outputs_deleted_at is not None:
+        raise HTTPException(
+            status.HTTP_410_GONE,
+            f"output {index} of job {row.id} was deleted after the retention period",
+        )
     try:
         data = storage.get(found[0]["key"])
     except FileNotFoundError:
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, f"output {index} of job {job_id} is no longer stored"
+            status.HTTP_404_NOT_FOUND, f"output {index} of job {row.id} is no longer stored"
         ) from None
     return Response(data, media_type="image/png")
+
+
+@router.get(
+    "/outputs/{job_id}/{index}",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "the PNG"},
+        403: {"model": ErrorOut, "description": "expired, or a bad signature"},
+        404: {"model": ErrorOut, "description": "no such output"},
+        410: {"model": ErrorOut, "description": "deleted by output retention"},
+    },
+)
+def get_signed_output(
+    job_id: str,
+    index: int,
+    engine: EngineDep,
+    storage: StorageDep,
+    expires: Annotated[int, Query()],
+    sig: Annotated[str, Query(max_length=64)],
+) -> Response:
+    """An output by the signed URL in the job's `outputs[].url` (local storage): no API
+    key; 403 once `expires` (Unix seconds) has passed or when `sig` is wrong."""
+    problem = output_urls.check(job_id, index, expires, sig)
+    if problem:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"output URL: {problem}")
+    row = run_transaction(engine, lambda conn: jobs.get_row(conn, None, job_id))
+    return output_response(row, index, storage)
 
 
 class TooLarge(Exception):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict
 
+from orchestrator.api import output_urls
 from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
 from orchestrator.api.schemas import ErrorOut, InsufficientOut, JobOut
 from orchestrator.jobs import service as jobs
@@ -24,10 +25,12 @@ ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 
 @router.get("/tunes/{tune_id}", responses=ERRORS)
 def get_tune(
-    tune_id: str, account_id: AccountId, engine: EngineDep, storage: StorageDep
+    request: Request, tune_id: str, account_id: AccountId, engine: EngineDep, storage: StorageDep
 ) -> dict[str, Any]:
-    """Status, progress, the 64 output URLs, the contact sheet, expiry, credits per kind."""
-    return tunes.tune_view(engine, storage, account_id, tune_id)
+    """Status, progress, the 64 output URLs (expiring, as in GET /v1/jobs/{id}), the contact
+    sheet, expiry, credits per kind."""
+    sign = output_urls.signer(storage, output_urls.base_url(request))
+    return tunes.tune_view(engine, storage, account_id, tune_id, sign)
 
 
 @router.get("/tunes/{tune_id}/contact_sheet", responses=ERRORS, response_class=Response)
@@ -35,6 +38,10 @@ def contact_sheet(
     tune_id: str, account_id: AccountId, engine: EngineDep, storage: StorageDep
 ) -> Response:
     view = tunes.tune_view(engine, storage, account_id, tune_id)
+    if view["outputs_deleted_at"] is not None:
+        raise HTTPException(
+            status.HTTP_410_GONE, "the contact sheet was deleted after the retention period"
+        )
     if view["contact_sheet"] is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no contact sheet yet")
     return Response(storage.get(f"tunes/{tune_id}/contact_sheet.png"), media_type="image/png")

@@ -54,7 +54,21 @@ class JobRequest(BaseModel):
 
     spec: dict[str, Any]
     callback_url: str | None = Field(
-        None, description="POSTed the job JSON (HMAC-signed) when the job ends"
+        None,
+        description="receives the job's events as Standard Webhooks (webhook-id, "
+        "webhook-timestamp, webhook-signature headers; TOLLGATE_CALLBACK_SECRET)",
+    )
+    # Checked by the job service (422 naming `webhook_events_filter`), so a bad value is
+    # not mistaken for a bare spec by the union of request shapes.
+    webhook_events_filter: Any = Field(
+        None,
+        description="which events reach callback_url: any of start, progress (at most one "
+        "every 2 s), completed; default [completed]",
+        json_schema_extra={
+            "type": "array",
+            "items": {"type": "string", "enum": ["start", "progress", "completed"]},
+            "maxItems": 3,
+        },
     )
 
 
@@ -78,7 +92,28 @@ class OutputOut(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     index: int
-    url: str
+    # Fetches the PNG without an API key until expires_at: a presigned S3 GET, or a signed
+    # /v1/outputs/... URL on local storage. None once retention deleted the output.
+    url: str | None
+    expires_at: str | None = None
+    # The authenticated route (Bearer API key); 410 once deleted.
+    api_url: str
+    deleted: bool = False
+
+
+class WebhookOut(BaseModel):
+    """The job's callback: its events, and how the last delivery went (absent: none yet)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    events: list[str]
+    id: str | None = None
+    event: str | None = None
+    last_status: int | None = None
+    attempts: int | None = None
+    last_error: str | None = None
+    delivered_at: str | None = None
+    failed_at: str | None = None
 
 
 class UndeliveredOut(BaseModel):
@@ -111,6 +146,9 @@ class JobOut(BaseModel):
     refunded: int
     outputs: list[OutputOut]
     undelivered: list[UndeliveredOut]
+    # Set when output retention deleted the outputs (the job and its charges stay).
+    outputs_deleted_at: str | None = None
+    webhook: WebhookOut | None = None
     error: str | None
     # ISO 8601 strings, exactly as in events and callbacks.
     created_at: str

@@ -83,7 +83,14 @@ def _redis_url() -> str:
 @click.option("--account", "account_id", required=True, help="The paying account's id.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow the job to its end.")
 @click.option("--idempotency-key", default=None, help="Default: a new one (printed).")
-@click.option("--callback-url", default=None, help="POSTed the job when it ends.")
+@click.option("--callback-url", default=None, help="Receives the job's events (Standard Webhooks).")
+@click.option(
+    "--webhook-events",
+    "webhook_events",
+    default=None,
+    help="Comma-separated events for --callback-url: start, progress, completed "
+    "(default: completed).",
+)
 @click.option(
     "--via",
     type=click.Choice(["redis", "direct"]),
@@ -98,23 +105,34 @@ def submit(
     wait_: bool,
     idempotency_key: str | None,
     callback_url: str | None,
+    webhook_events: str | None,
     via: str | None,
     timeout_s: float,
 ) -> None:
     """Submit JOB_JSON (a job spec) for ACCOUNT."""
+    from billing import InvalidJobSpec
+    from orchestrator.jobs.webhooks import validate_events_filter
+
     spec = parse_json_arg(job_json)
+    try:
+        events = validate_events_filter(
+            None if webhook_events is None else [e.strip() for e in webhook_events.split(",")]
+        )
+    except InvalidJobSpec as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    hook = (callback_url, events)
     via = via or ("redis" if _redis_url() else "direct")
     if via == "redis":
-        _submit_via_redis(account_id, spec, idempotency_key, callback_url, wait_, timeout_s)
+        _submit_via_redis(account_id, spec, idempotency_key, hook, wait_, timeout_s)
     else:
-        _submit_direct(account_id, spec, idempotency_key, callback_url, wait_, timeout_s)
+        _submit_direct(account_id, spec, idempotency_key, hook, wait_, timeout_s)
 
 
 def _submit_via_redis(
     account_id: str,
     spec: Any,
     idempotency_key: str | None,
-    callback_url: str | None,
+    hook: tuple[str | None, list[str] | None],
     wait_: bool,
     timeout_s: float,
 ) -> None:
@@ -126,7 +144,7 @@ def _submit_via_redis(
     if not isinstance(spec, dict):
         fail("job json must be a JSON object", EXIT_BAD_INPUT)
     client = TollgateClient(url)
-    sub = client.submit(account_id, spec, idempotency_key, callback_url)
+    sub = client.submit(account_id, spec, idempotency_key, *hook)
     if not wait_:
         print_json({"message_id": sub.message_id, "idempotency_key": sub.idempotency_key})
         return
@@ -147,7 +165,7 @@ def _submit_direct(
     account_id: str,
     spec: Any,
     idempotency_key: str | None,
-    callback_url: str | None,
+    hook: tuple[str | None, list[str] | None],
     wait_: bool,
     timeout_s: float,
 ) -> None:
@@ -162,7 +180,8 @@ def _submit_direct(
             account_id,
             spec,
             idempotency_key=idempotency_key,
-            callback_url=callback_url,
+            callback_url=hook[0],
+            webhook_events_filter=hook[1],
             source="cli",
         )
     except job_service.JobRejected as exc:

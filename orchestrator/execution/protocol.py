@@ -40,8 +40,8 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.execution import leases
 from orchestrator.execution.heartbeat import Heartbeat
 from orchestrator.execution.leases import ATTEMPTS_MAX as ATTEMPTS_MAX  # re-exported
-from orchestrator.jobs import states
-from orchestrator.jobs.records import lock_job, transition
+from orchestrator.jobs import states, webhooks
+from orchestrator.jobs.records import lock_job, transition, webhook_event
 from orchestrator.settings import get_settings
 from orchestrator.settlement.settle import settle
 from orchestrator.storage import Storage
@@ -90,6 +90,9 @@ class Attempt:
     # The storage key of the spec's `image_id`, looked up when the job was taken (None when
     # the spec has no image or the image is not the account's).
     input_key: str | None = None
+    # True when taking the job queued a `start` webhook in the outbox: `execute` then calls
+    # its `on_started` (the worker relays at once instead of at the end).
+    start_webhook: bool = False
 
 
 @dataclass
@@ -237,7 +240,7 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
             return None
         token = secrets.token_hex(16)
         input_key = _input_key(conn, row.account_id, row.spec)
-        transition(
+        started = transition(
             conn,
             job_id,
             phase.running_status,
@@ -255,7 +258,18 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
         leases.start_attempt(conn, row, phase.running_status, row.attempt + 1, worker, now)
         # Only a lease is at stake: if a crash loses it, the job is redelivered or reaped.
         commit_without_flush_wait(conn)
-        return Attempt(job_id, row.attempt + 1, token, dict(row.spec), row.account_id, input_key)
+        start_webhook = webhook_event(row.status, started.status) == "start" and webhooks.wants(
+            started, "start"
+        )
+        return Attempt(
+            job_id,
+            row.attempt + 1,
+            token,
+            dict(row.spec),
+            row.account_id,
+            input_key,
+            start_webhook=start_webhook,
+        )
 
     return run_transaction(engine, work)
 
@@ -350,11 +364,14 @@ def execute(
     runner: Runner,
     on_progress: Callable[[int, int], None] | None = None,
     phase: Phase = JOB_PHASE,
+    on_started: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The whole worker side of a job. Safe to call twice for the same job."""
     attempt = begin(engine, job_id, worker, phase)
     if attempt is None:
         return {"job_id": job_id, "status": "skipped"}
+    if attempt.start_webhook and on_started is not None:
+        on_started()
     heartbeat = Heartbeat(
         engine, job_id, attempt.token, get_settings().lease_renew_interval_s
     ).start()

@@ -259,6 +259,7 @@ class Consumer:
                 request.spec,
                 idempotency_key=request.idempotency_key,
                 callback_url=request.callback_url,
+                webhook_events_filter=request.webhook_events_filter,
                 source="redis",
             )
         except (MalformedMessage, *PERMANENT_ERRORS) as exc:

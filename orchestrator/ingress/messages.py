@@ -17,7 +17,9 @@ from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN
 JOB_TEXT_MAX_BYTES: Final = 32 * 1024 * 1024
 ACCOUNT_ID_MAX_LEN: Final = 64
 DERIVED_KEY_PREFIX: Final = "msg:"
-MESSAGE_FIELDS: Final = frozenset({"account_id", "idempotency_key", "spec", "callback_url"})
+MESSAGE_FIELDS: Final = frozenset(
+    {"account_id", "idempotency_key", "spec", "callback_url", "webhook_events_filter"}
+)
 
 # Refusals that no retry can fix: dead-lettered.
 PERMANENT_ERRORS: Final = (
@@ -40,7 +42,9 @@ class JobRequest:
     idempotency_key: str
     spec: dict[str, Any]
     callback_url: str | None
-    key_derived: bool  # True: the key is `msg:<message id>`, the client gave none
+    key_derived: bool
+    # Checked by submit (a bad one is dead-lettered naming the field).
+    webhook_events_filter: Any = None  # True: the key is `msg:<message id>`, the client gave none
 
 
 def derived_key(message_id: str) -> str:
@@ -98,6 +102,7 @@ def parse_job(fields: Mapping[str, Any], message_id: str) -> JobRequest:
         spec=spec,
         callback_url=callback_url,
         key_derived=key is None,
+        webhook_events_filter=body.get("webhook_events_filter"),
     )
 
 

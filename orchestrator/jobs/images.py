@@ -105,9 +105,13 @@ def store_image(
 
 def image_key(conn: Connection, account_id: str, image_id: str) -> str:
     """The storage key of an account's own image; another account's image is unknown."""
-    key = conn.execute(
-        select(images.c.path).where(images.c.id == image_id, images.c.account_id == account_id)
-    ).scalar_one_or_none()
-    if key is None:
+    found = conn.execute(
+        select(images.c.path, images.c.deleted_at).where(
+            images.c.id == image_id, images.c.account_id == account_id
+        )
+    ).first()
+    if found is None:
         raise UnknownImage(f"image_id: no image {image_id!r}")
-    return str(key)
+    if found.deleted_at is not None:
+        raise UnknownImage(f"image_id: image {image_id!r} was deleted after the retention period")
+    return str(found.path)

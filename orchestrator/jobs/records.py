@@ -3,6 +3,7 @@ announced through the outbox). Used by every stage; imports no stage."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ from sqlalchemy import Connection, select, update
 from sqlalchemy.engine import Row
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.jobs import states
+from orchestrator.jobs import states, webhooks
 from orchestrator.scheduling import outbox
 from orchestrator.tables import jobs
 
@@ -19,17 +20,41 @@ class JobNotFound(OrchestratorError):
     pass
 
 
-def view(row: Row[Any]) -> dict[str, Any]:
-    """A job as clients see it (the API's and the events' shape)."""
-    outputs = [
-        {
-            "index": o["index"],
-            "url": f"/v1/jobs/{row.id}/outputs/{o['index']}",
-            **{k: o[k] for k in ("seed", "meta") if k in o},
-        }
-        for o in (row.outputs or [])
-        if o.get("delivered")
-    ]
+# (job id, output index, storage key) -> (a URL that fetches it, when that URL expires).
+OutputSigner = Callable[[str, int, str], tuple[str, datetime]]
+
+
+def output_path(job_id: str, index: int) -> str:
+    """The authenticated route of an output (Bearer API key)."""
+    return f"/v1/jobs/{job_id}/outputs/{index}"
+
+
+def view(row: Row[Any], sign: OutputSigner | None = None) -> dict[str, Any]:
+    """A job as clients see it (the API's and the events' shape). With `sign` (the API
+    edge), each stored output's `url` is an expiring one that needs no API key; without it,
+    the authenticated route. Outputs deleted by retention have no `url`."""
+    deleted = row.outputs_deleted_at is not None
+    outputs = []
+    for o in row.outputs or []:
+        if not o.get("delivered"):
+            continue
+        url: str | None = output_path(row.id, o["index"])
+        expires_at: str | None = None
+        if deleted:
+            url = None
+        elif sign is not None and o.get("key"):
+            url, expiry = sign(row.id, o["index"], o["key"])
+            expires_at = expiry.isoformat()
+        outputs.append(
+            {
+                "index": o["index"],
+                "url": url,
+                "expires_at": expires_at,
+                "api_url": output_path(row.id, o["index"]),
+                "deleted": deleted,
+                **{k: o[k] for k in ("seed", "meta") if k in o},
+            }
+        )
     undelivered = [
         {"index": o["index"], "reason": o.get("reason")}
         for o in (row.outputs or [])
@@ -46,6 +71,8 @@ def view(row: Row[Any]) -> dict[str, Any]:
         "refunded": row.refunded,
         "outputs": outputs,
         "undelivered": undelivered,
+        "outputs_deleted_at": row.outputs_deleted_at.isoformat() if deleted else None,
+        "webhook": webhooks.delivery_view(row),
         "error": row.error,
         "created_at": row.created_at.isoformat(),
         "updated_at": row.updated_at.isoformat(),
@@ -84,8 +111,8 @@ def transition(
     **values: Any,
 ) -> Row[Any]:
     """Move a locked job to `new_status`, announcing it through the outbox (event, and the
-    client's callback when the new state is terminal). `current` is the status the caller
-    read under the lock, when it has it (saves a read)."""
+    client's webhook for `start` and `completed` when its events filter asks for them).
+    `current` is the status the caller read under the lock, when it has it (saves a read)."""
     if current is None:
         current = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one()
     if current != new_status and not states.can_transition(current, new_status):
@@ -98,11 +125,20 @@ def transition(
         .values(status=new_status, updated_at=now, **values)
         .returning(*jobs.c)
     ).one()
-    messages = [("event", event_payload(row))]
-    if states.is_terminal(new_status) and row.callback_url:
-        messages.append(("callback", {"url": row.callback_url, "job": view(row)}))
+    messages: list[tuple[str, dict[str, Any]]] = [("event", event_payload(row))]
+    event = webhook_event(current, new_status)
+    if event is not None and webhooks.wants(row, event):
+        messages.append(("callback", webhooks.message(row, event, view(row), now)))
     outbox.add_many(conn, job_id, messages)
     return row
+
+
+def webhook_event(current: str, new: str) -> str | None:
+    if states.is_terminal(new):
+        return "completed"
+    if new in (states.RUNNING, states.TRAINING) and current in (states.QUEUED, states.DISPATCHED):
+        return "start"
+    return None
 
 
 def get_row(conn: Connection, account_id: str | None, job_id: str) -> Row[Any]:

@@ -22,10 +22,17 @@ from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.errors import OrchestratorError
 from orchestrator.execution import leases
-from orchestrator.jobs import kinds, specs, states
+from orchestrator.jobs import kinds, specs, states, webhooks
 from orchestrator.jobs.deadlines import deadline_s, hold_ttl_s
 from orchestrator.jobs.images import decode_b64, image_key, store_image
-from orchestrator.jobs.records import JobNotFound, event_payload, get_row, lock_job, view
+from orchestrator.jobs.records import (
+    JobNotFound,
+    OutputSigner,
+    event_payload,
+    get_row,
+    lock_job,
+    view,
+)
 from orchestrator.scheduling import outbox
 from orchestrator.settlement import alerts, lease_sweep
 from orchestrator.settlement.settle import settler_for
@@ -63,8 +70,11 @@ def new_job_id() -> str:
     return "job_" + secrets.token_hex(12)
 
 
-def request_hash(spec: Any, callback_url: str | None) -> str:
-    body = json.dumps({"spec": spec, "callback_url": callback_url}, sort_keys=True)
+def request_hash(spec: Any, callback_url: str | None, events: list[str] | None = None) -> str:
+    fields: dict[str, Any] = {"spec": spec, "callback_url": callback_url}
+    if events is not None:  # absent from the hash when unset: older keys still match
+        fields["webhook_events_filter"] = events
+    body = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -116,6 +126,7 @@ def submit(
     *,
     idempotency_key: str | None = None,
     callback_url: str | None = None,
+    webhook_events_filter: Any = None,
     source: str = "http",
 ) -> Submitted:
     """Price, hold and enqueue a job. Raises InvalidJobSpec (bad spec, nothing recorded),
@@ -124,7 +135,8 @@ def submit(
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX_LEN:
         raise InvalidJobSpec("idempotency_key", f"must be 1..{IDEMPOTENCY_KEY_MAX_LEN} characters")
     callback_url = specs.validate_callback_url(callback_url)
-    digest = request_hash(spec, callback_url)
+    events = webhooks.validate_events_filter(webhook_events_filter)
+    digest = request_hash(spec, callback_url, events)
 
     def existing(conn: Connection) -> Row[Any] | None:
         if idempotency_key is None:
@@ -176,6 +188,7 @@ def submit(
             idempotency_key=idempotency_key,
             request_hash=digest,
             callback_url=callback_url,
+            webhook_events_filter=events,
             deadline_at=now + timedelta(seconds=deadline_s(spec_)),
         )
         ledger.hold(
@@ -252,15 +265,20 @@ def _record_rejection(
     run_transaction(engine, work)
 
 
-def get(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any]:
-    """A job, if it is `account_id`'s (None: any account, for operators), with its attempts."""
+def get(
+    engine: Engine, account_id: str | None, job_id: str, sign: OutputSigner | None = None
+) -> dict[str, Any]:
+    """A job, if it is `account_id`'s (None: any account, for operators); `sign` gives its
+    outputs expiring URLs (records.view)."""
 
     def work(conn: Connection) -> dict[str, Any] | None:
         stmt = select(jobs).where(jobs.c.id == job_id)
         if account_id is not None:
             stmt = stmt.where(jobs.c.account_id == account_id)
         row = conn.execute(stmt).first()
-        return None if row is None else {**view(row), "attempts": leases.attempts(conn, job_id)}
+        if row is None:
+            return None
+        return {**view(row, sign), "attempts": leases.attempts(conn, job_id)}
 
     found = run_transaction(engine, work)
     if found is None:
@@ -269,7 +287,12 @@ def get(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any]:
 
 
 def list_jobs(
-    engine: Engine, account_id: str | None, *, status: str | None = None, limit: int = 20
+    engine: Engine,
+    account_id: str | None,
+    *,
+    status: str | None = None,
+    limit: int = 20,
+    sign: OutputSigner | None = None,
 ) -> list[dict[str, Any]]:
     if status is not None and status not in states.STATUSES:
         raise InvalidJobSpec("status", f"must be one of {', '.join(states.STATUSES)}")
@@ -280,7 +303,7 @@ def list_jobs(
         stmt = stmt.where(jobs.c.account_id == account_id)
     if status is not None:
         stmt = stmt.where(jobs.c.status == status)
-    return [view(r) for r in run_transaction(engine, lambda conn: conn.execute(stmt).all())]
+    return [view(r, sign) for r in run_transaction(engine, lambda conn: conn.execute(stmt).all())]
 
 
 def cancel(engine: Engine, account_id: str | None, job_id: str) -> dict[str, Any]:

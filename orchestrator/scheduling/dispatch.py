@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 
 from orchestrator.events import append_event
-from orchestrator.jobs.families import CALLBACK_TASK, family_for
+from orchestrator.jobs.families import CALLBACK_QUEUE, CALLBACK_TASK, family_for
 from orchestrator.settings import get_settings
 
 
@@ -47,7 +47,10 @@ class Publisher:
             append_event(self.redis, payload)
         elif topic == "callback":
             self.celery.send_task(
-                CALLBACK_TASK, args=[payload["job"]["id"]], kwargs={"payload": payload}
+                CALLBACK_TASK,
+                args=[payload["webhook_id"]],
+                kwargs={"payload": payload},
+                queue=CALLBACK_QUEUE,
             )
         else:
             raise ValueError(f"unknown outbox topic {topic!r}")

@@ -67,17 +67,21 @@ def check(
     url = conn.execute(select(accounts.c.webhook_url).where(accounts.c.id == account_id))
     webhook_url = url.scalar_one_or_none()
     if webhook_url:
-        body = {
-            "id": "evt_" + secrets.token_hex(12),
-            "type": EVENT_TYPE,
+        event_id = "evt_" + secrets.token_hex(12)
+        data = {
+            "id": event_id,
             "account_id": account_id,
             "kind": kind,
             "available": available,
             "threshold": int(alert.threshold),
             "at": now.isoformat(),
         }
-        # The callback task POSTs payload["job"] to payload["url"], signed.
-        outbox.add(conn, "callback", job_id, {"url": webhook_url, "job": body})
+        # A Standard Webhooks delivery through the job callbacks' task (no job_id in the
+        # payload: nothing is recorded on a job). The event id is the webhook-id.
+        body = {"type": EVENT_TYPE, "timestamp": now.isoformat(), "data": data}
+        outbox.add(
+            conn, "callback", job_id, {"webhook_id": event_id, "url": webhook_url, "body": body}
+        )
     return True
 
 

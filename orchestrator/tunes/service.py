@@ -30,7 +30,7 @@ from orchestrator.execution.protocol import Phase
 from orchestrator.jobs import kinds, states
 from orchestrator.jobs.deadlines import HOLD_GRACE_S, QUEUE_ALLOWANCE_S
 from orchestrator.jobs.images import decode_b64, image_key, store_image
-from orchestrator.jobs.records import JobNotFound, lock_job, transition, view
+from orchestrator.jobs.records import JobNotFound, OutputSigner, lock_job, transition, view
 from orchestrator.scheduling import outbox
 from orchestrator.settlement import alerts
 from orchestrator.settlement.retention import expires_at_for
@@ -354,7 +354,11 @@ def start_waiting_renders(engine: Engine, account_id: str | None = None) -> list
 
 
 def tune_view(
-    engine: Engine, storage: Storage, account_id: str | None, tune_id: str
+    engine: Engine,
+    storage: Storage,
+    account_id: str | None,
+    tune_id: str,
+    sign: OutputSigner | None = None,
 ) -> dict[str, Any]:
     """GET /v1/tunes/{id}: the job view plus the tune's own fields and credits per kind."""
 
@@ -378,7 +382,7 @@ def tune_view(
         else:
             c["charged"] += h.committed
             c["refunded"] += h.amount - h.committed
-    out = view(row)
+    out = view(row, sign)
     out.update(
         {
             "name": tune.name,

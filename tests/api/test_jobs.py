@@ -230,12 +230,20 @@ def test_outputs_are_served_when_delivered(
     ctx.not_delivered(1, "nsfw filter")
     assert execution.finish(pg_engine, attempt, states.SUCCEEDED, ctx=ctx) == states.SUCCEEDED
     job = client.get(f"/v1/jobs/{job_id}", headers=user[1]).json()
-    assert job["outputs"] == [
-        {"index": 0, "url": f"/v1/jobs/{job_id}/outputs/0", "seed": 7, "meta": {"seed": 7}}
-    ]
+    [out] = job["outputs"]
+    assert {k: out[k] for k in ("index", "api_url", "seed", "meta", "deleted")} == {
+        "index": 0,
+        "api_url": f"/v1/jobs/{job_id}/outputs/0",
+        "seed": 7,
+        "meta": {"seed": 7},
+        "deleted": False,
+    }
+    assert out["url"].startswith(f"http://testserver/v1/outputs/{job_id}/0?expires=")
+    assert out["expires_at"] is not None
     assert job["undelivered"] == [{"index": 1, "reason": "nsfw filter"}]
     assert job["charged"] == 1 and job["refunded"] == 1
-    res = client.get(job["outputs"][0]["url"], headers=user[1])
+    assert client.get(out["url"]).content == png  # signed: no API key
+    res = client.get(out["api_url"], headers=user[1])
     assert res.status_code == 200 and res.headers["content-type"] == "image/png"
     assert res.content == png
     assert client.get(f"/v1/jobs/{job_id}/outputs/1", headers=user[1]).status_code == 404

@@ -1,7 +1,7 @@
 """billing: voids, payment events and grants, subscriptions, low-balance alerts
 
 Revision ID: 0009
-Revises: 0006
+Revises: 0008
 Create Date: 2026-12-01 21:30:00.000000
 
 - grants.voided / grants.void_shortfall and the `void` entry type (billing.voids);
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0006"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
