@@ -13,12 +13,15 @@ from billing.db import run_transaction
 from orchestrator import accounts
 from orchestrator.api.deps import Admin, EngineDep
 from orchestrator.api.schemas import AccountIn, AccountOut, ErrorOut, GrantIn, GrantOut
+from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay
 from orchestrator.settlement import retention
 from orchestrator.tunes import service as tunes
 
-router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Admin])
+router = APIRouter(
+    prefix="/v1", tags=["admin"], dependencies=[Admin], responses=UNAVAILABLE_RESPONSES
+)
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": ErrorOut, "description": "missing or bad admin token"},
