@@ -19,8 +19,11 @@ from sqlalchemy.exc import DBAPIError
 from billing import ledger
 from billing.db import is_conflict, is_transient, make_engine, run_transaction
 from billing.tables import holds
-from orchestrator import execution, faults, jobs, states
-from orchestrator.intake import Consumer
+from orchestrator import faults
+from orchestrator.execution import protocol as execution
+from orchestrator.ingress.intake import Consumer
+from orchestrator.jobs import service as jobs
+from orchestrator.jobs import states
 from orchestrator.storage import Storage
 from orchestrator.tables import job_results
 from orchestrator.tables import jobs as jobs_table
