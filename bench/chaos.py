@@ -62,7 +62,7 @@ READY_TIMEOUT_S = 120
 JOBS_MAX = 5000
 CHILD_KILL_EVERY_S = 12.0
 RICH_CREDITS = 100_000
-POOR_CREDITS = 8
+POOR_CREDITS = 3
 PY = sys.executable
 
 
@@ -158,6 +158,7 @@ class Chaos:
     # (kill time as wall clock, job ids that the killed worker was running)
     kills: list[tuple[float, list[str]]] = field(default_factory=list)
     http_codes: dict[int, int] = field(default_factory=dict)
+    main_kill_jobs: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
     def note(self, text: str) -> None:
@@ -166,10 +167,13 @@ class Chaos:
         print(line, flush=True)
 
     def running_on(self, worker: Proc) -> list[str]:
+        """The job this worker's only pool process runs now (-c 1): its latest start."""
         node = worker.name
         with psycopg.connect(libpq_url(self.db_url), autocommit=True, connect_timeout=5) as c:
             rows = c.execute(
-                "SELECT id FROM jobs WHERE status = 'running' AND worker LIKE %s", (node + "@%",)
+                "SELECT id FROM jobs WHERE status = 'running' AND worker LIKE %s"
+                " ORDER BY started_at DESC LIMIT 1",
+                (node + "@%",),
             ).fetchall()
         return [r[0] for r in rows]
 
@@ -192,6 +196,7 @@ class Chaos:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(kid, signal.SIGKILL)
         self.kills.append((time.time(), running))
+        self.main_kill_jobs.extend(running)
         self.note(f"SIGKILL {worker.name} main process (running {running}); restarting")
         worker.start()
 
@@ -523,7 +528,7 @@ def main() -> int:  # noqa: PLR0915 (one linear script)
             for j in ids
             if finished.get(j) is not None
         ]
-        unrecovered = [j for _, ids in chaos.kills for j in ids if finished.get(j) is None]
+        unrecovered = sorted({j for _, ids in chaos.kills for j in ids if finished.get(j) is None})
         errors_5xx = {c: k for c, k in chaos.http_codes.items() if c >= 500 and c != 503 or c == 0}
         engine.dispose()
     redis_proc.stop()
@@ -533,7 +538,8 @@ def main() -> int:  # noqa: PLR0915 (one linear script)
     print(f"dead letters: {len(dead)} {dead_kinds} (insufficient_credits rows must match)")
     print(f"jobs terminal: {len(accepted) - len(stuck)}; stuck: {len(stuck)}")
     for r in stuck:
-        print(f"  stuck {r.id}: {r.status} on {r.worker} (attempt {r.attempt})")
+        cause = " (its worker's main process was killed)" if r.id in chaos.main_kill_jobs else ""
+        print(f"  stuck {r.id}: {r.status} on {r.worker} (attempt {r.attempt}){cause}")
     print(f"credits drifted: {drifted} {drift_notes}")
     print(f"ledger verify: {problems if problems else 'clean'}")
     print(f"HTTP codes of the API calls: {chaos.http_codes}")
