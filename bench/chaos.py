@@ -48,9 +48,9 @@ from billing.db import make_engine, run_transaction  # noqa: E402
 from billing.tables import holds  # noqa: E402
 from billing.verify import verify  # noqa: E402
 from orchestrator import accounts  # noqa: E402
+from orchestrator.ingress.streams import DEAD_STREAM, JOBS_STREAM  # noqa: E402
+from orchestrator.jobs.states import TERMINAL  # noqa: E402
 from orchestrator.standalone import free_port, redis_server_binary  # noqa: E402
-from orchestrator.states import TERMINAL  # noqa: E402
-from orchestrator.streams import DEAD_STREAM, JOBS_STREAM  # noqa: E402
 from orchestrator.tables import jobs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -430,26 +430,32 @@ def _run(
 ) -> dict[str, Any]:
     job_id = attempt.job_id
     ctx = RunContext(engine, storage, attempt, on_progress, heartbeat)
+
+    def finish_(outcome: str, error: str | None) -> str:
+        # Through an outage, keep trying for as long as the lease is surely held, and at
+        # least FINISH_RETRY_BUDGET_S: a result applied after the sweep took the job back is
+        # recorded as late and charges nothing, so trying longer is never wrong.
+        budget_s = max(FINISH_RETRY_BUDGET_S, heartbeat.held_until - time.monotonic())
+        return finish(engine, attempt, outcome, error, phase, ctx, budget_s=budget_s)
+
     try:
         runner(ctx)
     except JobStopped as stop:
         if stop.reason == "superseded":
-            status = finish(
-                engine, attempt, states.FAILED, "superseded by a newer attempt", phase, ctx
-            )
+            status = finish_(states.FAILED, "superseded by a newer attempt")
         else:
-            status = finish(engine, attempt, states.CANCELED, "canceled by the client", phase, ctx)
+            status = finish_(states.CANCELED, "canceled by the client")
         return {"job_id": job_id, "status": status}
     except Exception as exc:
         if is_transient(exc):
             # The runner's own database call hit an outage: not the job's failure. The job
-            # stays running under this lease; the task retries the delivery.
+            # stays running; once this lease lapses, the lease sweep dispatches it again.
             log.warning("job %s: database unreachable inside the runner: %s", job_id, exc)
             raise
         log.exception("job %s failed", job_id)
-        status = finish(engine, attempt, states.FAILED, _reason(exc), phase, ctx)
+        status = finish_(states.FAILED, _reason(exc))
         return {"job_id": job_id, "status": status}
-    status = finish(engine, attempt, states.SUCCEEDED, None, phase, ctx)
+    status = finish_(states.SUCCEEDED, None)
     return {"job_id": job_id, "status": status}
 
 
