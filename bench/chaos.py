@@ -2,7 +2,7 @@
 
 Own redis-server (AOF, fsync always) on a free port, a fresh PostgreSQL database, the tiny
 model kit (`tollgate models make-tiny`), and as separate processes: the API, the intake, two
-Celery workers (`-c 1`) and beat. N jobs (default 300) from four accounts go onto
+GPU-queue Celery workers (`-c 1`), one for beat's maintenance queue, and beat. N jobs (default 300) from four accounts go onto
 `tollgate:jobs` (one account is short of credits; a few exact duplicates and malformed
 messages), while the fault schedule runs: SIGKILL of a worker pool child every ~12 s, once
 of a worker main process (restarted), SIGKILL + restart of the intake, SIGKILL + restart of
@@ -57,7 +57,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN_URL = os.environ.get(
     "TOLLGATE_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-QUEUES = "gpu.txt2img,gpu.post,tollgate.callbacks,tollgate.maintenance"
+GPU_QUEUES = "gpu.txt2img,gpu.post"
+# Beat's tasks (reaper, lease sweep, re-publisher) get a worker of their own, as in a
+# deployment: behind a GPU worker's render they would expire before they ran.
+MAINTENANCE_QUEUES = "tollgate.maintenance,tollgate.callbacks"
 READY_TIMEOUT_S = 120
 JOBS_MAX = 5000
 CHILD_KILL_EVERY_S = 12.0
@@ -382,7 +385,12 @@ def main() -> int:  # noqa: PLR0915 (one linear script)
     work.mkdir(parents=True)
     kit = args.kit or Path(os.environ.get("TMPDIR", "/tmp")) / "tollgate-chaos-kit"
     print(f"work dir {work}; tiny kit {kit}", flush=True)
-    base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    base_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # two workers share the cores; torch must not oversubscribe
+    }
     subprocess.run(
         [PY, "-m", "orchestrator", "models", "make-tiny", str(kit), "--no-sdxl", "--no-gfpgan"],
         env=base_env,
@@ -440,8 +448,8 @@ def main() -> int:  # noqa: PLR0915 (one linear script)
         poor = owners.pop()
         api_port = free_port()
 
-        def celery(name: str) -> Proc:
-            argv = [PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", QUEUES, "-c", "1",
+        def celery(name: str, queues: str = GPU_QUEUES) -> Proc:
+            argv = [PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-c", "1",
                     "-P", "prefork", "-n", f"{name}@%h", "--without-mingle", "--without-gossip",
                     "-l", "info"]  # fmt: skip
             return Proc(name, argv, work / f"{name}.log", env)
@@ -466,7 +474,8 @@ def main() -> int:  # noqa: PLR0915 (one linear script)
             work / "beat.log",
             env,
         )  # fmt: skip
-        procs = [api, intake, *workers, beat]
+        maintenance = celery("chaos-maint", MAINTENANCE_QUEUES)
+        procs = [api, intake, *workers, maintenance, beat]
         for p in procs:
             p.start()
         stop = threading.Event()
