@@ -2,11 +2,12 @@
 
 Own redis-server (AOF, fsync always) on a free port, a fresh PostgreSQL database, the tiny
 model kit (`tollgate models make-tiny`), and as separate processes: the API, the intake, two
-GPU-queue Celery workers (`-c 1`), one for beat's maintenance queue, and beat. N jobs (default 300) from four accounts go onto
-`tollgate:jobs` (one account is short of credits; a few exact duplicates and malformed
-messages), while the fault schedule runs: SIGKILL of a worker pool child every ~12 s, once
-of a worker main process (restarted), SIGKILL + restart of the intake, SIGKILL + restart of
-Redis, pg_terminate_backend of every connection 4-6 times, a few cancels over HTTP.
+GPU-queue Celery workers (`-c 1`), one for beat's maintenance queue, and beat. N jobs
+(default 300) from four accounts go onto `tollgate:jobs` (one account is short of credits;
+a few exact duplicates and malformed messages), while the fault schedule runs: SIGKILL of
+a worker pool child every ~12 s, once of a worker main process (restarted), SIGKILL +
+restart of the intake, SIGKILL + restart of Redis, pg_terminate_backend of every
+connection 4-6 times, a few cancels over HTTP.
 
 It prints jobs accepted, terminal and stuck, credits drifted, `ledger verify`, API 5xx other
 than 503, and the recovery time (p50/p99) of the jobs a killed worker was running. Exit
