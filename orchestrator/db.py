@@ -10,6 +10,7 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine
 
 from billing.db import make_engine
+from orchestrator import faults  # noqa: F401  (counts the engine's transient retries)
 from orchestrator.settings import get_settings
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"

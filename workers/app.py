@@ -7,10 +7,12 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init
 
+from orchestrator import faults
 from orchestrator.settings import get_settings
 from workers.celery_config import make_celery
 
 app = make_celery(get_settings().redis_url)
+faults.set_process("worker")
 
 
 @worker_process_init.connect

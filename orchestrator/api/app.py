@@ -25,11 +25,13 @@ from orchestrator.api import (
     routes_jobs,
     routes_styles,
     routes_tunes,
+    unavailable,
 )
 from orchestrator.api.deps import EngineDep
 from orchestrator.api.limits import BodyLimit
 from orchestrator.api.metrics import RequestMetrics, make_registry
 from orchestrator.api.schemas import Health
+from orchestrator.faults import API_RETRY_AFTER_S
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs.images import InvalidImage, UnknownImage
 from orchestrator.settings import get_settings
@@ -122,6 +124,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     for error_type, code in plain_errors:
         app.add_exception_handler(error_type, plain(code))
     app.add_exception_handler(Exception, internal)
+    unavailable.install(app)
 
 
 def create_app() -> FastAPI:
@@ -144,6 +147,7 @@ def create_app() -> FastAPI:
     )
     app.add_middleware(RequestMetrics, requests=requests, latency=latency)
     app.add_middleware(BodyLimit)
+    app.add_middleware(unavailable.FaultBudget)
 
     @app.get(
         "/healthz",
@@ -152,7 +156,7 @@ def create_app() -> FastAPI:
         responses={503: {"model": Health, "description": "the database is unreachable"}},
     )
     def healthz(engine: EngineDep) -> Any:
-        """200 when the database answers, else 503."""
+        """200 when the database answers, else 503 (with Retry-After)."""
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -161,6 +165,7 @@ def create_app() -> FastAPI:
             return JSONResponse(
                 {"status": "unavailable", "detail": "database unreachable"},
                 status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": str(API_RETRY_AFTER_S)},
             )
         return {"status": "ok"}
 

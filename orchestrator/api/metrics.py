@@ -1,6 +1,7 @@
 """Prometheus metrics. A collector reads the database and Redis at scrape time (jobs by
 status and type, credits held/committed/released, queue depths); a middleware counts the
-API's own requests and their latency. Each app has its own registry."""
+API's own requests and their latency; `tollgate_transient_retries_total{process,dependency}`
+counts this process's retries after transient faults. Each app has its own registry."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing.db import run_transaction
 from billing.tables import holds
+from orchestrator.faults import TRANSIENT_RETRIES
 from orchestrator.ingress.streams import DEAD_STREAM, JOBS_STREAM
 from orchestrator.jobs.families import CALLBACK_QUEUE, GPU_QUEUES
 from orchestrator.tables import jobs
@@ -123,6 +125,7 @@ def make_registry(
     """A registry with the scrape-time collector, and the API's request metrics."""
     registry = CollectorRegistry()
     registry.register(TollgateCollector(engine, redis_url))
+    registry.register(TRANSIENT_RETRIES)  # tollgate_transient_retries_total{process, dependency}
     requests = Counter(
         "tollgate_http_requests", "API requests", ["method", "route", "status"], registry=registry
     )

@@ -12,8 +12,9 @@ from billing.db import run_transaction
 from billing.tables import entries, grants, holds
 from orchestrator.api.deps import AccountId, EngineDep
 from orchestrator.api.schemas import BalanceOut, ErrorOut, LedgerPage
+from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 
-router = APIRouter(prefix="/v1", tags=["account"])
+router = APIRouter(prefix="/v1", tags=["account"], responses=UNAVAILABLE_RESPONSES)
 
 LEDGER_LIMIT_MAX: Final = 200
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {

@@ -26,12 +26,15 @@ from orchestrator.api.schemas import (
     VoidIn,
     VoidOut,
 )
+from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.payments import purchases
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay
 from orchestrator.settlement import alerts, retention
 
-router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Admin])
+router = APIRouter(
+    prefix="/v1", tags=["admin"], dependencies=[Admin], responses=UNAVAILABLE_RESPONSES
+)
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": ErrorOut, "description": "missing or bad admin token"},

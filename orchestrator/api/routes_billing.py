@@ -13,13 +13,14 @@ from starlette.concurrency import run_in_threadpool
 from billing.db import run_transaction
 from orchestrator.api.deps import AccountId, EngineDep
 from orchestrator.api.schemas import AlertsIn, AlertsOut, ErrorOut
+from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.payments import stripe_events
 from orchestrator.settings import get_settings
 from orchestrator.settlement import alerts
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1", tags=["billing"])
+router = APIRouter(prefix="/v1", tags=["billing"], responses=UNAVAILABLE_RESPONSES)
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": ErrorOut, "description": "missing or bad API key"},

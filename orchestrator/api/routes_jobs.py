@@ -24,6 +24,7 @@ from orchestrator.api.schemas import (
     JobSpec,
     QuoteOut,
 )
+from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs import states
 from orchestrator.jobs.images import IMAGE_BYTES_MAX, InvalidImage, store_image
@@ -31,7 +32,7 @@ from orchestrator.scheduling.outbox import relay_quietly
 from orchestrator.storage import Storage
 from orchestrator.tables import images
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=UNAVAILABLE_RESPONSES)
 
 # Room for multipart boundaries and part headers around an image of IMAGE_BYTES_MAX.
 MULTIPART_OVERHEAD_MAX: Final = 64 * 1024

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.api.deps import AccountId
 from orchestrator.api.schemas import ErrorOut
+from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.jobs.styles import get_catalogue
 
 
@@ -21,7 +22,9 @@ async def validate_catalogue(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-router = APIRouter(prefix="/v1", tags=["styles"], lifespan=validate_catalogue)
+router = APIRouter(
+    prefix="/v1", tags=["styles"], lifespan=validate_catalogue, responses=UNAVAILABLE_RESPONSES
+)
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": ErrorOut, "description": "missing or bad API key"},

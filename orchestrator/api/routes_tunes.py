@@ -10,11 +10,12 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.api import output_urls
 from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
 from orchestrator.api.schemas import ErrorOut, InsufficientOut, JobOut
+from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.jobs import service as jobs
 from orchestrator.scheduling.outbox import relay_quietly
 from orchestrator.tunes import service as tunes
 
-router = APIRouter(prefix="/v1", tags=["tunes"])
+router = APIRouter(prefix="/v1", tags=["tunes"], responses=UNAVAILABLE_RESPONSES)
 
 ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": ErrorOut, "description": "missing or bad API key"},

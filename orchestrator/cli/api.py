@@ -13,5 +13,8 @@ def api(host: str, port: int) -> None:
     import uvicorn
 
     from orchestrator.api.app import create_app
+    from orchestrator.faults import set_process
+
+    set_process("api")
 
     uvicorn.run(create_app(), host=host, port=port, log_level="info")

@@ -17,6 +17,13 @@ Protocol (each step its own transaction, under the job's row lock):
 A plain job therefore costs two durable transactions on the worker (`begin` does not wait
 for its WAL flush: losing it loses only a lease, see `commit_without_flush_wait`), plus one
 read per step and a progress write at most every PROGRESS_WRITE_INTERVAL_S.
+
+Transient database faults (docs/architecture.md, "Transient faults") never fail a job: a
+progress write or lease check that cannot reach the database is skipped (the run goes on,
+the next write carries the figures), `begin` and `finish` are retried (finish for up to
+FINISH_RETRY_BUDGET_S), and each step recognises on a rerun that its commit already went
+through. A fault that outlasts those budgets escapes `execute` as the database error; the
+task then retries the delivery (workers.runtime).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.engine import Row
 
 from billing.clock import utcnow
-from billing.db import run_transaction
+from billing.db import is_transient, run_transaction
 from orchestrator.db import commit_without_flush_wait
 from orchestrator.errors import OrchestratorError
 from orchestrator.execution import leases
@@ -50,6 +57,14 @@ from orchestrator.tables import job_results, jobs
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL_S: Final = 0.25
+# Transient faults: how long each step keeps retrying (seconds). Progress gives up fast and
+# skips the database for PROGRESS_FAULT_PAUSE_S, so the render never waits on it; finish
+# keeps trying for as long as a lease lasts, and begin in between.
+PROGRESS_RETRY_BUDGET_S: Final = 0.5
+PROGRESS_FAULT_PAUSE_S: Final = 2.0
+BEGIN_RETRY_BUDGET_S: Final = 30.0
+FINISH_RETRY_BUDGET_S: Final = 120.0
+STEP_ATTEMPTS_MAX: Final = 400
 
 
 Settle = Callable[[Connection, Row[Any], str, int, datetime, str | None], Any]
@@ -113,6 +128,9 @@ class RunContext:
     total: int = 0
     # `begin` wrote progress 0 just now: the first write is due an interval later.
     _last_write: float = field(default_factory=time.monotonic)
+    # After a transient database fault, progress leaves the database alone until then.
+    _db_paused_until: float = 0.0
+    db_faults: int = 0
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -152,6 +170,8 @@ class RunContext:
         if self.heartbeat is not None and self.heartbeat.lost.is_set():
             raise JobStopped("superseded")
         now = time.monotonic()
+        if now < self._db_paused_until:
+            return  # the database was unreachable a moment ago: render on, write later
         write = now - self._last_write >= PROGRESS_WRITE_INTERVAL_S
         pending = list(self.unrecorded) if write else []
 
@@ -167,7 +187,20 @@ class RunContext:
             conn.execute(update(jobs).where(jobs.c.id == self.job_id).values(**values))
             commit_without_flush_wait(conn)  # progress is redone if lost; nothing is charged
 
-        run_transaction(self.engine, work)
+        try:
+            run_transaction(self.engine, work, attempts_max=3, budget_s=PROGRESS_RETRY_BUDGET_S)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Not the job's failure: the outputs stay unrecorded for the next write or finish.
+            self.db_faults += 1
+            self._db_paused_until = time.monotonic() + PROGRESS_FAULT_PAUSE_S
+            log.warning(
+                "job %s: progress not written (database unreachable): %s",
+                self.job_id,
+                str(exc).splitlines()[0][:200],
+            )
+            return
         if write:
             self._last_write = now
             del self.unrecorded[: len(pending)]
@@ -204,12 +237,17 @@ def _merged(current: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[di
 
 def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) -> Attempt | None:
     """Take the job for this delivery, or return None when there is nothing to run."""
+    token = secrets.token_hex(16)  # chosen once, so a rerun can recognise its own take
 
     def work(conn: Connection) -> Attempt | None:
         row = conn.execute(select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
         if row is None:
             log.warning("task for unknown job %s ignored", job_id)
             return None
+        if row.lease_token == token and row.status == phase.running_status:
+            # A rerun after a commit whose answer was lost: this delivery already took it.
+            input_key = _input_key(conn, row.account_id, row.spec)
+            return Attempt(job_id, row.attempt, token, dict(row.spec), row.account_id, input_key)
         if row.status not in phase.startable:
             return None  # ended, or in another phase: a stale or duplicate delivery
         now = utcnow()
@@ -238,7 +276,6 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
                 f"gave up after {row.attempt} attempts (worker lost each time)",
             )
             return None
-        token = secrets.token_hex(16)
         input_key = _input_key(conn, row.account_id, row.spec)
         started = transition(
             conn,
@@ -271,7 +308,9 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
             start_webhook=start_webhook,
         )
 
-    return run_transaction(engine, work)
+    return run_transaction(
+        engine, work, attempts_max=STEP_ATTEMPTS_MAX, budget_s=BEGIN_RETRY_BUDGET_S
+    )
 
 
 def _input_key(conn: Connection, account_id: str, spec: dict[str, Any]) -> str | None:
@@ -293,13 +332,18 @@ def finish(
     error: str | None = None,
     phase: Phase = JOB_PHASE,
     ctx: RunContext | None = None,
+    budget_s: float = FINISH_RETRY_BUDGET_S,
 ) -> str:
     """Apply an attempt's result once: record the outputs and final progress `ctx` has not
-    written yet, then settle. Returns the job's status afterwards."""
+    written yet, then settle. Returns the job's status afterwards. Retried through transient
+    faults for up to `budget_s`; a rerun after a lost commit answer finds this attempt's
+    result already recorded and returns the status it left."""
     assert outcome in (states.SUCCEEDED, states.FAILED, states.CANCELED), outcome
 
     def work(conn: Connection) -> str:
         row = lock_job(conn, attempt.job_id)
+        if _result_recorded(conn, attempt, phase):
+            return str(row.status)
         now = utcnow()
         current = row.lease_token == attempt.token and row.status == phase.running_status
         if current and ctx is not None:
@@ -345,7 +389,18 @@ def finish(
         charged_outputs = 0 if status == states.FAILED else len(delivered)
         return str(phase.settle(conn, row, status, charged_outputs, now, reason).status)
 
-    return run_transaction(engine, work)
+    return run_transaction(engine, work, attempts_max=STEP_ATTEMPTS_MAX, budget_s=budget_s)
+
+
+def _result_recorded(conn: Connection, attempt: Attempt, phase: Phase) -> bool:
+    found = conn.execute(
+        select(job_results.c.id).where(
+            job_results.c.job_id == attempt.job_id,
+            job_results.c.phase == phase.running_status,
+            job_results.c.attempt == attempt.number,
+        )
+    ).first()
+    return found is not None
 
 
 def _undelivered_reason(outputs: list[dict[str, Any]]) -> str:
@@ -392,21 +447,32 @@ def _run(
 ) -> dict[str, Any]:
     job_id = attempt.job_id
     ctx = RunContext(engine, storage, attempt, on_progress, heartbeat)
+
+    def finish_(outcome: str, error: str | None) -> str:
+        # Through an outage, keep trying for as long as the lease is surely held, and at
+        # least FINISH_RETRY_BUDGET_S: a result applied after the sweep took the job back is
+        # recorded as late and charges nothing, so trying longer is never wrong.
+        budget_s = max(FINISH_RETRY_BUDGET_S, heartbeat.held_until - time.monotonic())
+        return finish(engine, attempt, outcome, error, phase, ctx, budget_s=budget_s)
+
     try:
         runner(ctx)
     except JobStopped as stop:
         if stop.reason == "superseded":
-            status = finish(
-                engine, attempt, states.FAILED, "superseded by a newer attempt", phase, ctx
-            )
+            status = finish_(states.FAILED, "superseded by a newer attempt")
         else:
-            status = finish(engine, attempt, states.CANCELED, "canceled by the client", phase, ctx)
+            status = finish_(states.CANCELED, "canceled by the client")
         return {"job_id": job_id, "status": status}
     except Exception as exc:
+        if is_transient(exc):
+            # The runner's own database call hit an outage: not the job's failure. The job
+            # stays running; once this lease lapses, the lease sweep dispatches it again.
+            log.warning("job %s: database unreachable inside the runner: %s", job_id, exc)
+            raise
         log.exception("job %s failed", job_id)
-        status = finish(engine, attempt, states.FAILED, _reason(exc), phase, ctx)
+        status = finish_(states.FAILED, _reason(exc))
         return {"job_id": job_id, "status": status}
-    status = finish(engine, attempt, states.SUCCEEDED, None, phase, ctx)
+    status = finish_(states.SUCCEEDED, None)
     return {"job_id": job_id, "status": status}
 
 

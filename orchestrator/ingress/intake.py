@@ -40,11 +40,13 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from orchestrator.events import EVENTS_MAXLEN, EVENTS_STREAM
+from orchestrator.faults import REDIS, count_retry, dependency_of
 from orchestrator.ingress.messages import (
     PERMANENT_ERRORS,
     JobRequest,
     MalformedMessage,
     best_effort_ids,
+    message_job_id,
     parse_job,
     refusal,
 )
@@ -139,6 +141,7 @@ class Consumer:
                 self.step()
             except (redis.RedisError, OSError) as exc:
                 log.warning("intake %s: redis unavailable (%s); backing off", self.name, exc)
+                count_retry(REDIS)
                 self._group_ready = False  # NOGROUP: the stream was deleted; create it again
                 self._fail()
                 continue
@@ -261,12 +264,16 @@ class Consumer:
                 callback_url=request.callback_url,
                 webhook_events_filter=request.webhook_events_filter,
                 source="redis",
+                job_id=message_job_id(self.config.stream, message_id, fields),
             )
         except (MalformedMessage, *PERMANENT_ERRORS) as exc:
             self._dead_letter(message_id, fields, refusal(exc))
             return Outcome.DEAD
         except Exception as exc:
             expected = isinstance(exc, TRANSIENT_ERRORS)  # no traceback for an outage
+            dependency = dependency_of(exc)
+            if dependency is not None:
+                count_retry(dependency)
             log.warning(
                 "intake %s: %s left pending: %s", self.name, message_id, exc, exc_info=not expected
             )
@@ -395,10 +402,12 @@ def connect(redis_url: str, config: IntakeConfig) -> redis.Redis:
 def consumer_from_settings(name: str | None = None, config: IntakeConfig | None = None) -> Consumer:
     """A consumer wired to this process's settings (TOLLGATE_DATABASE_URL, _REDIS_URL, ...)."""
     from orchestrator.db import get_engine
+    from orchestrator.faults import set_process
     from orchestrator.scheduling.dispatch import Publisher as DispatchPublisher
     from orchestrator.settings import get_settings
     from orchestrator.storage import get_storage
 
+    set_process("intake")
     config = config or IntakeConfig()
     redis_url = get_settings().redis_url
     if not redis_url:

@@ -3,6 +3,7 @@ fields of a refusal. The consumer that reads the stream is orchestrator.ingress.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,17 @@ class JobRequest:
 
 def derived_key(message_id: str) -> str:
     return f"{DERIVED_KEY_PREFIX}{message_id}"
+
+
+def message_job_id(stream: str, message_id: str, fields: Mapping[str, Any]) -> str:
+    """The job id of a stream message: the same for every delivery of that message, so a
+    replay (after a crash between recording a job or a rejection and acknowledging the
+    message) finds the row it recorded instead of adding one. The message text is part of
+    it, so a stream recreated with reused ids cannot collide with an older job."""
+    raw = fields.get("job")
+    text = raw if isinstance(raw, str) else ""
+    digest = hashlib.sha256(f"{stream}\n{message_id}\n{text}".encode()).hexdigest()
+    return "job_" + digest[:24]
 
 
 def _decode_job_text(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -128,10 +128,15 @@ def submit(
     callback_url: str | None = None,
     webhook_events_filter: Any = None,
     source: str = "http",
+    job_id: str | None = None,
 ) -> Submitted:
     """Price, hold and enqueue a job. Raises InvalidJobSpec (bad spec, nothing recorded),
     IdempotencyConflict, UnknownAccount, or JobRejected (insufficient credits: a `rejected`
-    job is recorded, without the idempotency key so a retry after buying credits works)."""
+    job is recorded, without the idempotency key so a retry after buying credits works).
+
+    `job_id`: the id to use (the intake derives one per stream message, so a replay of a
+    message finds the job, or the rejection, it already recorded). A rerun of the
+    transaction after a lost commit answer finds its own row by id too."""
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX_LEN:
         raise InvalidJobSpec("idempotency_key", f"must be 1..{IDEMPOTENCY_KEY_MAX_LEN} characters")
     callback_url = specs.validate_callback_url(callback_url)
@@ -159,12 +164,21 @@ def submit(
     except InvalidJobSpec:
         run_transaction(engine, existing)  # a reused key with another body is a 409 first
         raise
-    job_id = new_job_id()
+    job_id = job_id or new_job_id()
 
     def work(conn: Connection) -> Row[Any]:
         again = existing(conn)
         if again is not None:  # a replay, or a concurrent retry that won the race
             return again
+        own = _own_row(conn, job_id, account_id)
+        if own is not None:
+            if own.status == states.REJECTED:  # this message was refused before
+                raise InsufficientCredits(
+                    own.credit_kind,
+                    own.price,
+                    ledger.get_balance(conn, account_id, own.credit_kind).available,
+                )
+            return own  # this very submit committed before (the answer was lost)
         ledger.get_account(conn, account_id)
         spec_ = dict(normalised)
         kind = kinds.kind_for(spec_["type"])
@@ -230,6 +244,13 @@ def submit(
     return Submitted(view(row), created=row.id == job_id)
 
 
+def _own_row(conn: Connection, job_id: str, account_id: str) -> Row[Any] | None:
+    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    if row is not None and row.account_id != account_id:
+        raise OrchestratorError(f"job id {job_id} belongs to another account")
+    return row
+
+
 def _record_rejection(
     engine: Engine,
     job_id: str,
@@ -243,6 +264,8 @@ def _record_rejection(
     stored = {k: v for k, v in spec.items() if k not in ("image_b64", "images_b64")}
 
     def work(conn: Connection) -> None:
+        if _own_row(conn, job_id, account_id) is not None:
+            return  # recorded already (a replayed message, or a lost commit answer)
         now = utcnow()
         row = _insert_job(
             conn,

@@ -11,6 +11,7 @@ import redis
 from celery import Celery
 
 from orchestrator.events import append_event
+from orchestrator.faults import retry_redis
 from orchestrator.jobs.families import CALLBACK_QUEUE, CALLBACK_TASK, family_for
 from orchestrator.settings import get_settings
 
@@ -22,9 +23,19 @@ def celery_for(redis_url: str) -> Celery:
     return make_celery(redis_url, include=())
 
 
+# A Redis that stopped answering (not one that refuses) fails a call after this long.
+REDIS_SOCKET_TIMEOUT_S = 5.0
+REDIS_CONNECT_TIMEOUT_S = 2.0
+
+
 @lru_cache(maxsize=4)
 def redis_for(redis_url: str) -> redis.Redis:
-    return redis.Redis.from_url(redis_url, decode_responses=True)
+    return redis.Redis.from_url(
+        redis_url,
+        decode_responses=True,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+    )
 
 
 class Publisher:
@@ -33,6 +44,11 @@ class Publisher:
         self.redis = redis_for(redis_url)
 
     def __call__(self, topic: str, payload: dict[str, Any]) -> None:
+        """Publish one outbox message; transient Redis faults are retried briefly (then the
+        caller's transaction rolls back and the re-publisher sends it later)."""
+        retry_redis(lambda: self._publish(topic, payload))
+
+    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
         if topic == "dispatch":
             family = family_for(payload["type"])
             self.celery.send_task(
