@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from orchestrator.fairness import Flow, dispatched, entering, flow_key, jobs_ahead, pick
+from orchestrator.scheduling.fairness import Flow, dispatched, entering, flow_key, jobs_ahead, pick
 
 NOW = 1_000_000.0
 AGING = 0.01

@@ -16,6 +16,7 @@ from orchestrator.jobs.families import (
     MAINTENANCE_QUEUE,
     VISIBILITY_TIMEOUT_S,
 )
+from orchestrator.settings import get_settings
 
 TASK_MODULES = (
     "workers.txt2img",
@@ -40,6 +41,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
     routes["tollgate.reap"] = {"queue": MAINTENANCE_QUEUE}
     routes["tollgate.republish"] = {"queue": MAINTENANCE_QUEUE}
     routes["tollgate.tunes"] = {"queue": MAINTENANCE_QUEUE}
+    routes["tollgate.dispatch"] = {"queue": MAINTENANCE_QUEUE}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -70,6 +72,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
                 ("reap", "tollgate.reap", REAP_INTERVAL_S),
                 ("republish", "tollgate.republish", REPUBLISH_INTERVAL_S),
                 ("tunes", "tollgate.tunes", TUNES_INTERVAL_S),
+                ("dispatch", "tollgate.dispatch", get_settings().dispatch_interval_s),
             )
         },
         worker_hijack_root_logger=False,

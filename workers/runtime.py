@@ -5,6 +5,7 @@ behaviours without touching the product's tasks."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,8 @@ from orchestrator.db import get_engine
 from orchestrator.events import append_event
 from orchestrator.execution.protocol import JOB_PHASE, Phase, Runner, execute
 from orchestrator.scheduling.dispatch import get_publisher
-from orchestrator.scheduling.outbox import relay_quietly
+from orchestrator.scheduling.scheduler import nudge
+from orchestrator.scheduling.slots import record_run
 from orchestrator.storage import get_storage
 
 _runners: dict[str, Runner] = {}
@@ -49,6 +51,7 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
                 },
             )
 
+    started = time.monotonic()
     result = execute(
         engine,
         get_storage(),
@@ -59,5 +62,8 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
         on_progress,
         phase,
     )
-    relay_quietly(engine, publisher, job_id)
+    if result.get("status") != "skipped":
+        with contextlib.suppress(Exception):  # an estimate for queue ETAs only
+            record_run(publisher.redis, job_type, time.monotonic() - started)
+    nudge(engine, publisher, job_id)  # a slot is free: dispatch the next job
     return result

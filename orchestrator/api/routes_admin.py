@@ -15,6 +15,7 @@ from orchestrator.api.deps import Admin, EngineDep
 from orchestrator.api.schemas import AccountIn, AccountOut, ErrorOut, GrantIn, GrantOut
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.settlement import retention
 from orchestrator.tunes import service as tunes
 
@@ -84,6 +85,7 @@ def grant_credits(
 def relay_quietly_all(engine: Any) -> None:
     """Publish what a grant started (render dispatches); the re-publisher covers failures."""
     with contextlib.suppress(Exception):  # best effort, like every fast path
+        nudge(engine, get_publisher())
         relay(engine, get_publisher())
 
 

@@ -26,7 +26,7 @@ from orchestrator.api.schemas import (
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs import states
 from orchestrator.jobs.images import IMAGE_BYTES_MAX, InvalidImage, store_image
-from orchestrator.scheduling.outbox import relay_quietly
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.tables import images
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -85,7 +85,7 @@ def submit_job(
         idempotency_key=idempotency_key,
         callback_url=callback_url,
     )
-    relay_quietly(engine, publish, submitted.job["id"])
+    nudge(engine, publish, submitted.job["id"])
     if not submitted.created:
         response.status_code = status.HTTP_200_OK
     return submitted.job
@@ -126,7 +126,7 @@ def cancel_job(
     """Queued or dispatched: canceled and refunded now (200). Running: the worker stops at
     its next step and charges only delivered outputs (202). Ended: 409."""
     job = jobs.cancel(engine, account_id, job_id)
-    relay_quietly(engine, publish, job_id)
+    nudge(engine, publish, job_id)
     if job["status"] in (states.RUNNING, states.TRAINING, states.RENDERING):
         response.status_code = status.HTTP_202_ACCEPTED
     return job

@@ -4,15 +4,19 @@ announced through the outbox). Used by every stage; imports no stage."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Connection, select, update
 from sqlalchemy.engine import Row
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.jobs import states
-from orchestrator.scheduling import outbox
+from orchestrator.scheduling import outbox, scheduler
 from orchestrator.tables import jobs
+
+# States in which a job keeps its dispatch-queue entry (waiting for, or holding, a slot);
+# a move to any other state ends the phase. A tune's render enqueues itself again.
+SLOT_HOLDING: Final = frozenset({states.QUEUED, states.DISPATCHED, states.RUNNING, states.TRAINING})
 
 
 class JobNotFound(OrchestratorError):
@@ -98,6 +102,10 @@ def transition(
         .values(status=new_status, updated_at=now, **values)
         .returning(*jobs.c)
     ).one()
+    if new_status != current and new_status not in SLOT_HOLDING:
+        scheduler.release(conn, job_id, now)  # the phase ended: its slot or place is free
+    elif current == states.QUEUED and new_status != current:
+        scheduler.taken(conn, job_id, now)  # a task that was sent around the scheduler
     messages = [("event", event_payload(row))]
     if states.is_terminal(new_status) and row.callback_url:
         messages.append(("callback", {"url": row.callback_url, "job": view(row)}))

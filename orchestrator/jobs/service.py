@@ -1,8 +1,9 @@
 """The job service: submit, cancel, read. Each public function is one transaction.
 A job family's extra work at submit comes from `orchestrator.jobs.kinds`.
 
-Submit prices the spec, places the hold and writes the job row and its outbox messages in
-ONE transaction; the Celery task is published only after commit (outbox relay).
+Submit prices the spec, places the hold, writes the job row and its dispatch-queue entry
+in ONE transaction; the scheduler sends the Celery task when a worker slot is free, in
+fair order (orchestrator.scheduling.scheduler), through the outbox.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from orchestrator.jobs import kinds, specs, states
 from orchestrator.jobs.deadlines import deadline_s, hold_ttl_s
 from orchestrator.jobs.images import decode_b64, image_key, store_image
 from orchestrator.jobs.records import JobNotFound, event_payload, get_row, lock_job, view
-from orchestrator.scheduling import outbox
+from orchestrator.scheduling import outbox, scheduler
 from orchestrator.settlement.settle import settler_for
 from orchestrator.storage import Storage
 from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN, jobs
@@ -187,14 +188,9 @@ def submit(
         )
         if kind.after_hold is not None:
             kind.after_hold(conn, storage, job_id, account_id, spec_, now)
-        outbox.add_many(
-            conn,
-            job_id,
-            [
-                ("dispatch", {"job_id": job_id, "type": spec_["type"]}),
-                ("event", event_payload(row)),
-            ],
-        )
+        # The job waits for a worker slot, in fair order (the dispatcher sends its task).
+        scheduler.enqueue(conn, job_id, spec_["type"], account_id, now)
+        outbox.add(conn, "event", job_id, event_payload(row))
         return row
 
     try:
