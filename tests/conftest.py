@@ -152,3 +152,23 @@ def models_kit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = Path(env) if env else tmp_path_factory.mktemp("tiny-kit")
     make_tiny(folder)
     return folder
+
+
+ANNOUNCED_SLOTS = 1000
+
+
+@pytest.fixture(scope="module")
+def announced_slots(redis_url: str) -> Iterator[None]:
+    """For tests of the ways in that run no worker: slots announced on every GPU queue the
+    way a worker announces them (orchestrator.slots), so the dispatcher sends what they
+    submit (its tasks wait in the Celery queue, as with a busy worker). Withdrawn after."""
+    import redis
+    from orchestrator.families import GPU_QUEUES
+    from orchestrator.slots import WorkerSlots, announce, withdraw
+
+    client = redis.Redis.from_url(redis_url)
+    worker = WorkerSlots(f"announced-{secrets.token_hex(3)}", GPU_QUEUES, ANNOUNCED_SLOTS)
+    announce(client, worker, ttl_s=REDIS_LOCK_TTL_S)
+    yield
+    withdraw(client, worker)
+    client.close()
