@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # Training resolution; None: the base model's own (512 for SD 1.x).
     tune_train_size_px: int | None = Field(default=None, ge=64, le=1024, multiple_of=8)
     work_dir: Path = DEFAULT_VAR_DIR / "work"
-    # Fair scheduling (orchestrator.scheduler): each plan's share of a queue's slots
+    # Fair scheduling (orchestrator.scheduling.scheduler): each plan's share of a queue's slots
     # (weights) and its running jobs per queue (caps; an operator may override an account's
     # cap with POST /v1/accounts/{id}/limits).
     plan_weight_free: float = Field(default=1.0, gt=0, le=1000)

@@ -172,7 +172,7 @@ dispatch_queue = Table(
     Index("ix_dispatch_queue_state", "queue", "state"),
 )
 
-# Per (queue, account): the fair-queuing state of orchestrator.fairness.Flow. `eligible`
+# Per (queue, account): the fair-queuing state of orchestrator.scheduling.fairness.Flow. `eligible`
 # (queued > 0 and running < cap) and `sort_key` are kept current so one dispatch decision
 # reads the first `free` eligible rows of ix_sched_flows_key, whatever the backlog.
 sched_flows = Table(

@@ -163,8 +163,8 @@ def announced_slots(redis_url: str) -> Iterator[None]:
     way a worker announces them (orchestrator.slots), so the dispatcher sends what they
     submit (its tasks wait in the Celery queue, as with a busy worker). Withdrawn after."""
     import redis
-    from orchestrator.families import GPU_QUEUES
-    from orchestrator.slots import WorkerSlots, announce, withdraw
+    from orchestrator.jobs.families import GPU_QUEUES
+    from orchestrator.scheduling.slots import WorkerSlots, announce, withdraw
 
     client = redis.Redis.from_url(redis_url)
     worker = WorkerSlots(f"announced-{secrets.token_hex(3)}", GPU_QUEUES, ANNOUNCED_SLOTS)

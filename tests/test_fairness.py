@@ -1,4 +1,4 @@
-"""The fair order (orchestrator.fairness), pure: weights, caps, aging, ties, and the
+"""The fair order (orchestrator.scheduling.fairness), pure: weights, caps, aging, ties, and the
 property the SQL side relies on (reading the `free` smallest flows is enough)."""
 
 from __future__ import annotations
