@@ -163,6 +163,7 @@ def announced_slots(redis_url: str) -> Iterator[None]:
     way a worker announces them (orchestrator.slots), so the dispatcher sends what they
     submit (its tasks wait in the Celery queue, as with a busy worker). Withdrawn after."""
     import redis
+
     from orchestrator.jobs.families import GPU_QUEUES
     from orchestrator.scheduling.slots import WorkerSlots, announce, withdraw
 

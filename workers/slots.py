@@ -1,6 +1,6 @@
 """The worker announces its slots (hostname, queues, concurrency) to the scheduler: at
 `worker_ready`, then every third of `worker_slots_ttl_s` from a daemon thread of the main
-process, withdrawn at shutdown (orchestrator.scheduling.slots). Capacity is never configured by hand:
+process, withdrawn at shutdown (orchestrator.scheduling.slots). Capacity is never set by hand:
 a worker that dies stops refreshing and its slots expire."""
 
 from __future__ import annotations

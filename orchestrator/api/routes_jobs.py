@@ -26,6 +26,7 @@ from orchestrator.api.schemas import (
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs import states
 from orchestrator.jobs.images import IMAGE_BYTES_MAX, InvalidImage, store_image
+from orchestrator.scheduling.queues import queue_info
 from orchestrator.scheduling.scheduler import nudge
 from orchestrator.tables import images
 
@@ -103,8 +104,15 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS)
-def get_job(job_id: str, account_id: AccountId, engine: EngineDep) -> dict[str, Any]:
-    return jobs.get(engine, account_id, job_id)
+def get_job(
+    job_id: str, account_id: AccountId, engine: EngineDep, publish: PublisherDep
+) -> dict[str, Any]:
+    """A job; while it waits for a worker slot, `queue: {position, eta_s}`."""
+    job = jobs.get(engine, account_id, job_id)
+    if job["status"] in (states.QUEUED, states.RENDERING):
+        redis = getattr(publish, "redis", None)
+        job["queue"] = queue_info(engine, redis, job_id) if redis is not None else None
+    return job
 
 
 @router.post(

@@ -86,6 +86,14 @@ class UndeliveredOut(BaseModel):
     reason: str | None
 
 
+class QueuePlace(BaseModel):
+    # Jobs that will run before this one (estimated from the fair order).
+    position: int
+    # Seconds until it starts: the family's mean run time x (position + 1) / live slots;
+    # null while no worker serves its queue or no run time is known yet.
+    eta_s: float | None
+
+
 class JobOut(BaseModel):
     id: str
     account_id: str
@@ -103,6 +111,8 @@ class JobOut(BaseModel):
     updated_at: str
     started_at: str | None
     finished_at: str | None
+    # Only on GET /v1/jobs/{id} while the job waits for a worker slot.
+    queue: QueuePlace | None = None
 
 
 class JobList(BaseModel):

@@ -9,6 +9,7 @@ from orchestrator.cli.api import api
 from orchestrator.cli.jobs import intake, jobs, submit
 from orchestrator.cli.ledger import accounts, credits, db, ledger_group, quote
 from orchestrator.cli.processes import demo, standalone
+from orchestrator.cli.queue import queue
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,5 +31,6 @@ for command in (
     jobs,
     intake,
     api,
+    queue,
 ):
     main.add_command(command)
