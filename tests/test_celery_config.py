@@ -6,6 +6,7 @@ dropped), read from the app the workers run."""
 from __future__ import annotations
 
 from orchestrator.jobs.families import FAMILIES, GPU_QUEUES, LONGEST_JOB_S
+from orchestrator.settings import get_settings
 from workers.celery_config import (
     REAP_INTERVAL_S,
     REPUBLISH_INTERVAL_S,
@@ -42,6 +43,7 @@ def test_periodic_runs_expire_when_the_next_is_due() -> None:
         "reap": ("tollgate.reap", REAP_INTERVAL_S),
         "republish": ("tollgate.republish", REPUBLISH_INTERVAL_S),
         "tunes": ("tollgate.tunes", TUNES_INTERVAL_S),
+        "dispatch": ("tollgate.dispatch", get_settings().dispatch_interval_s),
     }
     assert {
         name: (entry["task"], entry["schedule"]) for name, entry in schedule.items()
