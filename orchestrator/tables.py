@@ -190,7 +190,7 @@ sched_flows = Table(
     Column("head_since_s", Float, nullable=False),
     Column("sort_key", Float, nullable=False),
     Column("eligible", Boolean, nullable=False),
-    Index("ix_sched_flows_key", "queue", "eligible", "sort_key"),
+    Index("ix_sched_flows_key", "queue", "eligible", "sort_key", "head_since_s", "account_id"),
     Index("ix_sched_flows_queued", "queue", "queued"),
 )
 

@@ -189,7 +189,7 @@ def submit(
         if kind.after_hold is not None:
             kind.after_hold(conn, storage, job_id, account_id, spec_, now)
         # The job waits for a worker slot, in fair order (the dispatcher sends its task).
-        scheduler.enqueue(conn, job_id, spec_["type"], account_id, now)
+        scheduler.enqueue(conn, job_id, spec_["type"], account_id, now, new=True)
         outbox.add(conn, "event", job_id, event_payload(row))
         return row
 

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Row
 from billing.clock import utcnow
 from billing.db import run_transaction
 from billing.tables import accounts
-from orchestrator.jobs.families import family_for
+from orchestrator.jobs.families import FAMILIES, family_for
 from orchestrator.scheduling import fairness, slots
 from orchestrator.settings import Settings, get_settings
 from orchestrator.tables import (
@@ -45,6 +45,7 @@ from orchestrator.tables import (
 
 log = logging.getLogger(__name__)
 
+FAMILY_QUEUES: Final = frozenset(f.queue for f in FAMILIES.values())
 QUEUED: Final = "queued"
 DISPATCHED: Final = "dispatched"
 
@@ -130,12 +131,14 @@ def _store_flow(
     queue: str,
     before: fairness.Flow,
     after: fairness.Flow,
-    vtime: float,
+    vtime: float | None,
     now_s: float,
     **values: Any,
 ) -> None:
     """Write a flow whose counts changed; a flow that becomes eligible enters at max(V, F)."""
     if after.eligible and not before.eligible:
+        if vtime is None:  # read only when needed (most writes keep the head as it is)
+            vtime = _vtime(conn, queue)
         after = fairness.entering(after, vtime, now_s)
     aging = get_settings().sched_aging_per_s
     conn.execute(
@@ -154,22 +157,28 @@ def _store_flow(
     )
 
 
-def enqueue(conn: Connection, job_id: str, task: str, account_id: str, now: datetime) -> None:
+def enqueue(
+    conn: Connection, job_id: str, task: str, account_id: str, now: datetime, *, new: bool = False
+) -> None:
     """The job's next phase (run by family `task`) waits for a slot. Idempotent; a
-    `dispatched` entry (its worker was lost) goes back to `queued` at its old place."""
+    `dispatched` entry (its worker was lost) goes back to `queued` at its old place.
+    `new`: the job was inserted in this transaction (no entry can exist yet)."""
     queue = family_for(task).queue
-    entry = conn.execute(
-        select(dispatch_queue.c.state, dispatch_queue.c.task).where(
-            dispatch_queue.c.job_id == job_id
-        )
-    ).first()
+    entry = (
+        None
+        if new
+        else conn.execute(
+            select(dispatch_queue.c.state, dispatch_queue.c.task).where(
+                dispatch_queue.c.job_id == job_id
+            )
+        ).first()
+    )
     if entry is not None and entry.state == QUEUED and entry.task == task:
         return
     now_s = now.timestamp()
     if entry is not None and entry.task != task:
         release(conn, job_id, now)
         entry = None
-    vtime = _vtime(conn, queue)
     row = _lock_flow(conn, queue, account_id)
     before = _as_flow(row)
     extra: dict[str, Any] = {}
@@ -196,7 +205,7 @@ def enqueue(conn: Connection, job_id: str, task: str, account_id: str, now: date
             .values(state=QUEUED, dispatched_at=None)
         )
         after = replace(before, queued=before.queued + 1, running=before.running - 1)
-    _store_flow(conn, queue, before, after, vtime, now_s, **extra)
+    _store_flow(conn, queue, before, after, None, now_s, **extra)
 
 
 def release(conn: Connection, job_id: str, now: datetime | None = None) -> None:
@@ -208,13 +217,12 @@ def release(conn: Connection, job_id: str, now: datetime | None = None) -> None:
     ).first()
     if gone is None:
         return
-    vtime = _vtime(conn, gone.queue)
     before = _as_flow(_lock_flow(conn, gone.queue, gone.account_id))
     if gone.state == DISPATCHED:
         after = replace(before, running=before.running - 1)
     else:
         after = replace(before, queued=before.queued - 1)
-    _store_flow(conn, gone.queue, before, after, vtime, (now or utcnow()).timestamp())
+    _store_flow(conn, gone.queue, before, after, None, (now or utcnow()).timestamp())
 
 
 def taken(conn: Connection, job_id: str, now: datetime) -> None:
@@ -228,10 +236,9 @@ def taken(conn: Connection, job_id: str, now: datetime) -> None:
     ).first()
     if entry is None:
         return
-    vtime = _vtime(conn, entry.queue)
     before = _as_flow(_lock_flow(conn, entry.queue, entry.account_id))
     after = replace(before, queued=before.queued - 1, running=before.running + 1)
-    _store_flow(conn, entry.queue, before, after, vtime, now.timestamp())
+    _store_flow(conn, entry.queue, before, after, None, now.timestamp())
 
 
 @dataclass(frozen=True)
@@ -337,15 +344,37 @@ def _dispatch_queue(conn: Connection, queue: str, capacity: int, limit: int) -> 
     return Dispatched(ids, waits)
 
 
+def _with_work(engine: Engine, queues: list[str]) -> list[str]:
+    """The queues among `queues` with an eligible flow (one index read, no locks): a
+    nudge after each job then costs one statement for every queue with nothing to do."""
+    if not queues:
+        return []
+
+    def work(conn: Connection) -> list[str]:
+        return [
+            q
+            for q in queues
+            if conn.execute(
+                select(sched_flows.c.queue)
+                .where(sched_flows.c.queue == q, sched_flows.c.eligible.is_(True))
+                .limit(1)
+            ).first()
+            is not None
+        ]
+
+    return run_transaction(engine, work)
+
+
 def dispatch_once(engine: Engine, redis: Any, limit: int | None = None) -> list[str]:
     """Dispatch what the live slots allow, in fair order, one transaction per queue.
     Returns the job ids dispatched (their tasks are in the outbox)."""
     settings = get_settings()
     limit = limit or settings.dispatch_batch_max
-    capacity = slots.slots_per_queue(slots.live(redis), settings.sched_slot_buffer_per_worker)
+    live = slots.slots_per_queue(slots.live(redis), settings.sched_slot_buffer_per_worker)
+    capacity = {q: n for q, n in live.items() if q in FAMILY_QUEUES}  # not callbacks etc.
     out: list[str] = []
     waits: list[tuple[str, float]] = []
-    for queue in sorted(capacity):
+    for queue in _with_work(engine, sorted(capacity)):
         done = run_transaction(
             engine, partial(_dispatch_queue, queue=queue, capacity=capacity[queue], limit=limit)
         )

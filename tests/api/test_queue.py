@@ -24,7 +24,7 @@ def test_a_capped_account_waits_with_its_place_shown(
     assert first["status"] == second["status"] == states.QUEUED  # slots free, but capped
     place = client.get(f"/v1/jobs/{second['id']}", headers=headers).json()["queue"]
     assert place["position"] == 1  # its own first job runs before it
-    assert place["eta_s"] is None or place["eta_s"] > 0
+    assert place["eta_s"] is None or place["eta_s"] >= 0  # 1000 announced slots: ~0
     assert client.get(f"/v1/jobs/{first['id']}", headers=headers).json()["queue"]["position"] == 0
 
     overview = client.get("/v1/queue", headers=ADMIN).json()["queues"]["gpu.txt2img"]

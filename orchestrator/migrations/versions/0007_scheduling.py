@@ -50,7 +50,7 @@ def upgrade() -> None:
     sa.Column('eligible', sa.Boolean(), nullable=False),
     sa.PrimaryKeyConstraint('queue', 'account_id', name=op.f('pk_sched_flows'))
     )
-    op.create_index('ix_sched_flows_key', 'sched_flows', ['queue', 'eligible', 'sort_key'], unique=False)
+    op.create_index('ix_sched_flows_key', 'sched_flows', ['queue', 'eligible', 'sort_key', 'head_since_s', 'account_id'], unique=False)
     op.create_index('ix_sched_flows_queued', 'sched_flows', ['queue', 'queued'], unique=False)
     op.create_table('sched_queues',
     sa.Column('queue', sa.String(length=40), nullable=False),
