@@ -64,6 +64,25 @@ class Settings(BaseSettings):
     stripe_webhook_secret: str = ""
     credit_packs: Path | None = None
 
+    # Fair scheduling (orchestrator.scheduling.scheduler): each plan's share of a queue's slots
+    # (weights) and its running jobs per queue (caps; an operator may override an account's
+    # cap with POST /v1/accounts/{id}/limits).
+    plan_weight_free: float = Field(default=1.0, gt=0, le=1000)
+    plan_weight_standard: float = Field(default=4.0, gt=0, le=1000)
+    plan_weight_business: float = Field(default=16.0, gt=0, le=1000)
+    plan_running_cap_free: int = Field(default=2, ge=0, le=10_000)
+    plan_running_cap_standard: int = Field(default=8, ge=0, le=10_000)
+    plan_running_cap_business: int = Field(default=32, ge=0, le=10_000)
+    # Aging: a head passed over gains one weight-1 job of priority per 1/aging seconds.
+    sched_aging_per_s: float = Field(default=0.01, ge=0, le=100)
+    # Tasks dispatched beyond a worker's concurrency (so it never idles between jobs).
+    sched_slot_buffer_per_worker: int = Field(default=1, ge=0, le=64)
+    # Workers announce their slots with this expiry, refreshed every third of it.
+    worker_slots_ttl_s: float = Field(default=15.0, ge=1, le=600)
+    # The periodic dispatcher (beat) and the most jobs one call dispatches per queue.
+    dispatch_interval_s: float = Field(default=1.0, ge=0.1, le=60)
+    dispatch_batch_max: int = Field(default=200, ge=1, le=10_000)
+
     @model_validator(mode="after")
     def _renew_within_ttl(self) -> Settings:
         if self.lease_renew_interval_s * 2 > self.lease_ttl_s:

@@ -7,6 +7,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -248,5 +249,66 @@ balance_alerts = Table(
     Column("kind", String(20), primary_key=True),
     Column("threshold", BigInteger, nullable=False),
     Column("armed", Boolean, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# ----------------------------------------------------------------- scheduling (migration 0010)
+# One row per job phase waiting for, or holding, a worker slot: `queued` until the
+# dispatcher picks it (in fair order), then `dispatched` until the phase ends (the row is
+# deleted in the transaction that ends it). `id` orders an account's jobs (FIFO).
+dispatch_queue = Table(
+    "dispatch_queue",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", String(JOB_ID_MAX_LEN), ForeignKey("jobs.id"), nullable=False),
+    # The family (job type, or tune_render) whose task runs this phase, and its queue.
+    Column("task", String(20), nullable=False),
+    Column("queue", String(40), nullable=False),
+    Column("account_id", String(ACCOUNT_ID_MAX_LEN), nullable=False),
+    Column("state", String(12), nullable=False),
+    Column("enqueued_at", UTCDateTime, nullable=False),
+    Column("dispatched_at", UTCDateTime, nullable=True),
+    UniqueConstraint("job_id", name="uq_dispatch_queue_job"),
+    Index("ix_dispatch_queue_account", "queue", "account_id", "state", "id"),
+    Index("ix_dispatch_queue_state", "queue", "state"),
+)
+
+# Per (queue, account): the fair-queuing state of orchestrator.scheduling.fairness.Flow. `eligible`
+# (queued > 0 and running < cap) and `sort_key` are kept current so one dispatch decision
+# reads the first `free` eligible rows of ix_sched_flows_key, whatever the backlog.
+sched_flows = Table(
+    "sched_flows",
+    metadata,
+    Column("queue", String(40), primary_key=True),
+    Column("account_id", String(ACCOUNT_ID_MAX_LEN), primary_key=True),
+    Column("plan", String(20), nullable=False),
+    Column("weight", Float, nullable=False),
+    Column("cap", Integer, nullable=False),
+    Column("running", Integer, nullable=False),
+    Column("queued", Integer, nullable=False),
+    Column("finish_tag", Float, nullable=False),
+    Column("head_tag", Float, nullable=False),
+    Column("head_since_s", Float, nullable=False),
+    Column("sort_key", Float, nullable=False),
+    Column("eligible", Boolean, nullable=False),
+    Index("ix_sched_flows_key", "queue", "eligible", "sort_key", "head_since_s", "account_id"),
+    Index("ix_sched_flows_queued", "queue", "queued"),
+)
+
+# Per queue: the virtual time (largest start tag dispatched). Its row lock serialises
+# dispatchers of one queue (PostgreSQL); SQLite's BEGIN IMMEDIATE serialises them anyway.
+sched_queues = Table(
+    "sched_queues",
+    metadata,
+    Column("queue", String(40), primary_key=True),
+    Column("vtime", Float, nullable=False),
+)
+
+# An operator's override of an account's running cap (POST /v1/accounts/{id}/limits).
+account_limits = Table(
+    "account_limits",
+    metadata,
+    Column("account_id", String(ACCOUNT_ID_MAX_LEN), ForeignKey("accounts.id"), primary_key=True),
+    Column("running_cap", Integer, nullable=True),
     Column("updated_at", UTCDateTime, nullable=False),
 )

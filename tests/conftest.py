@@ -167,3 +167,24 @@ def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     with moto_s3(tmp_path_factory.mktemp("moto")) as env:
         bucket = env["TOLLGATE_TEST_S3_BUCKET"]
         yield {**env, "TOLLGATE_STORAGE_URL": f"s3://{bucket}/tollgate"}
+
+
+ANNOUNCED_SLOTS = 1000
+
+
+@pytest.fixture(scope="module")
+def announced_slots(redis_url: str) -> Iterator[None]:
+    """For tests of the ways in that run no worker: slots announced on every GPU queue the
+    way a worker announces them (orchestrator.slots), so the dispatcher sends what they
+    submit (its tasks wait in the Celery queue, as with a busy worker). Withdrawn after."""
+    import redis
+
+    from orchestrator.jobs.families import GPU_QUEUES
+    from orchestrator.scheduling.slots import WorkerSlots, announce, withdraw
+
+    client = redis.Redis.from_url(redis_url)
+    worker = WorkerSlots(f"announced-{secrets.token_hex(3)}", GPU_QUEUES, ANNOUNCED_SLOTS)
+    announce(client, worker, ttl_s=REDIS_LOCK_TTL_S)
+    yield
+    withdraw(client, worker)
+    client.close()

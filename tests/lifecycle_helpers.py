@@ -12,7 +12,7 @@ from billing.db import run_transaction
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs.states import TERMINAL
 from orchestrator.scheduling.dispatch import Publisher
-from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage
 from orchestrator.tables import job_results
 from orchestrator.tables import jobs as jobs_table
@@ -31,7 +31,7 @@ def submit(
 ) -> str:
     job_id = jobs.submit(engine, storage, account, spec).job["id"]
     if publish:
-        relay(engine, Publisher(redis_url), job_id=job_id)
+        nudge(engine, Publisher(redis_url), job_id)
     return str(job_id)
 
 

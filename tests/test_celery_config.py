@@ -46,6 +46,7 @@ def test_periodic_runs_expire_when_the_next_is_due() -> None:
         "leases": ("tollgate.leases", get_settings().lease_sweep_interval_s),
         "tunes": ("tollgate.tunes", TUNES_INTERVAL_S),
         "outputs": ("tollgate.outputs", OUTPUTS_INTERVAL_S),
+        "dispatch": ("tollgate.dispatch", get_settings().dispatch_interval_s),
     }
     assert {
         name: (entry["task"], entry["schedule"]) for name, entry in schedule.items()

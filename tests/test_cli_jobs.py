@@ -30,6 +30,8 @@ from tests.ledger_helpers import available, grant, new_account
 
 # --- CLI end to end ---------------------------------------------------------------------
 
+pytestmark = pytest.mark.usefixtures("announced_slots")
+
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(

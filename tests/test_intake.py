@@ -45,6 +45,8 @@ from tests.ledger_helpers import available, grant, new_account
 
 # --- one consumer, stepped ---------------------------------------------------------------
 
+pytestmark = pytest.mark.usefixtures("announced_slots")
+
 
 @pytest.fixture
 def rc(redis_url: str) -> Iterator[redis.Redis]:

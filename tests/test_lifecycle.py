@@ -17,6 +17,7 @@ from billing.verify import verify
 from orchestrator.jobs import service as jobs
 from orchestrator.scheduling.dispatch import Publisher
 from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.settlement.reaper import reap
 from orchestrator.storage import Storage
 from tests.ledger_helpers import grant, new_account
@@ -97,7 +98,7 @@ def test_cancel_before_running_refunds_at_once(ctx: Any, account: str, redis_url
     assert available(ctx.engine, account) == 20
     assert jobs.cancel(ctx.engine, account, job_id)["status"] == "canceled"  # idempotent
     # The task still reaches a worker (published late): the worker must leave it alone.
-    relay(ctx.engine, Publisher(redis_url), job_id=job_id)
+    nudge(ctx.engine, Publisher(redis_url), job_id)
     marker = ctx.submit(account, txt2img())  # runs after the canceled task on the same queue
     wait_terminal(ctx.engine, marker)
     assert row(ctx.engine, job_id).status == "canceled"
@@ -157,9 +158,9 @@ def test_worker_killed_mid_job_is_redelivered_and_settled_once(
 def test_reaper_expires_and_refunds_and_a_late_result_is_not_charged(
     ctx: Any, account: str
 ) -> None:
-    queued = ctx.submit(account, txt2img(num_images=2), publish=False)
     running = ctx.submit(account, txt2img(num_images=2, test="sleep:1.5"))
     wait_until(ctx.engine, running, lambda r: r.status == "running")
+    queued = ctx.submit(account, txt2img(num_images=2), publish=False)  # no nudge: it waits
     later = row(ctx.engine, running).deadline_at + timedelta(seconds=1)
     expired = reap(ctx.engine, now=later)
     assert {queued, running} <= set(expired)
@@ -171,12 +172,13 @@ def test_reaper_expires_and_refunds_and_a_late_result_is_not_charged(
     assert available(ctx.engine, account) == 20
 
 
-def test_unpublished_job_is_dispatched_by_the_republisher(
+def test_unpublished_job_is_dispatched_by_the_periodic_dispatcher(
     ctx: Any, account: str, redis_url: str
 ) -> None:
-    job_id = ctx.submit(account, txt2img(), publish=False)  # "crash" before publishing
-    assert row(ctx.engine, job_id).status == "queued"
-    assert relay(ctx.engine, Publisher(redis_url)) >= 1  # what beat's republish task runs
+    job_id = ctx.submit(account, txt2img(), publish=False)  # "crash" before the nudge
+    assert row(ctx.engine, job_id).status in ("queued", "dispatched")  # another job's nudge
+    nudge(ctx.engine, Publisher(redis_url))  # what beat's dispatch task runs
+    relay(ctx.engine, Publisher(redis_url))  # what beat's republish task runs
     done = wait_terminal(ctx.engine, job_id)
     assert (done.status, done.charged) == ("succeeded", 1)
     b = run_transaction(ctx.engine, lambda c: ledger.get_balance(c, account, "image"))
@@ -230,7 +232,7 @@ def test_callback_is_signed_and_retried(
         job_id = jobs.submit(
             ctx.engine, storage, account, txt2img(), callback_url=receiver.url
         ).job["id"]
-        relay(ctx.engine, Publisher(redis_url), job_id=job_id)
+        nudge(ctx.engine, Publisher(redis_url), job_id)
         wait_terminal(ctx.engine, job_id)
         receiver.wait(1)
     finally:

@@ -23,7 +23,7 @@ from billing.db import run_transaction
 from billing.verify import verify
 from orchestrator.jobs import service as jobs
 from orchestrator.scheduling.dispatch import Publisher
-from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.settings import get_settings
 from orchestrator.settlement import retention
 from orchestrator.storage import Storage
@@ -90,7 +90,7 @@ def submit(
     engine: Engine, storage: Storage, redis_url: str, account: str, spec: dict[str, Any]
 ) -> str:
     job_id = str(jobs.submit(engine, storage, account, spec).job["id"])
-    relay(engine, Publisher(redis_url), job_id=job_id)
+    nudge(engine, Publisher(redis_url), job_id)
     return job_id
 
 
@@ -231,7 +231,7 @@ def test_training_failure_releases_both_holds(
     # The training photos vanish from storage before a worker gets the job: training fails.
     for key in run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id)).image_keys:
         storage.delete(key)
-    relay(pg_engine, Publisher(redis_url), job_id=tune_id)
+    nudge(pg_engine, Publisher(redis_url), tune_id)
     done = wait_status(pg_engine, tune_id, "failed", "succeeded", "awaiting_credits")
     assert done.status == "failed"
     assert done.error == "the training photos are missing from storage"

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from billing import quote
 from orchestrator.jobs import service as jobs
 from orchestrator.scheduling.dispatch import Publisher
-from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.standalone import free_port
 from orchestrator.storage import Storage
 from tests.ledger_helpers import grant, new_account
@@ -83,7 +83,7 @@ def run(
     pg_engine: Engine, storage: Storage, redis_url: str, account: str, spec: dict[str, Any]
 ) -> Any:
     job_id = jobs.submit(pg_engine, storage, account, spec).job["id"]
-    relay(pg_engine, Publisher(redis_url), job_id=job_id)
+    nudge(pg_engine, Publisher(redis_url), job_id)
     return wait_terminal(pg_engine, job_id, timeout_s=JOB_TIMEOUT_S)
 
 

@@ -36,3 +36,4 @@ def _check_models(**_: Any) -> None:
 
 
 import workers.metrics  # noqa: E402,F401  (Prometheus metrics of this worker)
+import workers.slots  # noqa: E402,F401  (announces this worker's slots to the scheduler)

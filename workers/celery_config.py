@@ -44,6 +44,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
     routes["tollgate.leases"] = {"queue": MAINTENANCE_QUEUE}
     routes["tollgate.tunes"] = {"queue": MAINTENANCE_QUEUE}
     routes["tollgate.outputs"] = {"queue": MAINTENANCE_QUEUE}
+    routes["tollgate.dispatch"] = {"queue": MAINTENANCE_QUEUE}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -76,6 +77,7 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
                 ("leases", "tollgate.leases", get_settings().lease_sweep_interval_s),
                 ("tunes", "tollgate.tunes", TUNES_INTERVAL_S),
                 ("outputs", "tollgate.outputs", OUTPUTS_INTERVAL_S),
+                ("dispatch", "tollgate.dispatch", get_settings().dispatch_interval_s),
             )
         },
         worker_hijack_root_logger=False,

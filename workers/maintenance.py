@@ -1,4 +1,5 @@
-"""Beat tasks: the reaper, the lease sweep and the outbox re-publisher.
+"""Beat tasks: the reaper, the lease sweep, the outbox re-publisher, the periodic dispatcher,
+tunes and output retention.
 
 Each runs its work inside `_tolerant`: the database calls already retry transient faults
 (run_transaction), and one that outlasts its budget ends this run with a warning instead of
@@ -16,6 +17,7 @@ from orchestrator.faults import dependency_of, process_scope
 from orchestrator.payments.purchases import lapse_due
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay, relay_quietly
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.settlement.lease_sweep import sweep
 from orchestrator.settlement.output_retention import sweep_outputs
 from orchestrator.settlement.reaper import reap
@@ -85,6 +87,7 @@ def tunes_task() -> dict[str, int]:
         lapsed = lapse_due(engine)
         swept = sweep_expired(engine, get_storage())
         started = start_waiting_renders(engine)
+        nudge(engine, get_publisher())
         relay(engine, get_publisher())
         return {"lapsed": len(lapsed), "expired": len(swept), "renders_started": len(started)}
 
@@ -100,3 +103,10 @@ def outputs_task() -> dict[str, int]:
 def _outputs_batch() -> dict[str, int]:
     swept = sweep_outputs(get_engine(), get_storage())
     return {"jobs": len(swept.jobs), "images": len(swept.images)}
+
+
+@app.task(name="tollgate.dispatch")
+def dispatch_task() -> int:
+    """The periodic dispatcher: whatever a missed nudge left queued goes out within one
+    interval (the fast paths run it after each submit and each job's end)."""
+    return _tolerant("dispatch", lambda: len(nudge(get_engine(), get_publisher())), 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -18,6 +19,8 @@ from orchestrator.execution.protocol import JOB_PHASE, Phase, Runner, execute
 from orchestrator.faults import dependency_of
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay_quietly
+from orchestrator.scheduling.scheduler import nudge
+from orchestrator.scheduling.slots import record_run
 from orchestrator.storage import get_storage
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
                 },
             )
 
+    started = time.monotonic()
     try:
         result = execute(
             engine,
@@ -92,5 +96,8 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
         raise task.retry(
             exc=exc, countdown=FAULT_RETRY_COUNTDOWN_S, max_retries=FAULT_RETRIES_MAX
         ) from exc
-    relay_quietly(engine, publisher, job_id)
+    if result.get("status") != "skipped":
+        with contextlib.suppress(Exception):  # an estimate for queue ETAs only
+            record_run(publisher.redis, job_type, time.monotonic() - started)
+    nudge(engine, publisher, job_id)  # a slot is free: dispatch the next job
     return result

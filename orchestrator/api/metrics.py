@@ -13,7 +13,12 @@ from typing import Final
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy import Connection, Engine, case, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,11 +28,13 @@ from billing.tables import holds
 from orchestrator.faults import TRANSIENT_RETRIES
 from orchestrator.ingress.streams import DEAD_STREAM, JOBS_STREAM
 from orchestrator.jobs.families import CALLBACK_QUEUE, GPU_QUEUES
-from orchestrator.tables import jobs
+from orchestrator.scheduling.slots import wait_histogram
+from orchestrator.tables import dispatch_queue, jobs
 
 log = logging.getLogger(__name__)
 
 REDIS_TIMEOUT_S: Final = 1.0
+PLANS: Final = ("free", "standard", "business")
 
 
 @lru_cache(maxsize=4)
@@ -57,6 +64,7 @@ class TollgateCollector(Collector):
             up.add_metric(["database"], 0)
         try:
             yield self._queue_metrics()
+            yield self._wait_metrics()
             up.add_metric(["redis"], 1)
         except Exception:
             log.warning("metrics: redis unreachable", exc_info=True)
@@ -98,7 +106,43 @@ class TollgateCollector(Collector):
             held.add_metric([kind], int(held_sum))
             committed.add_metric([kind], int(committed_sum))
             released.add_metric([kind], int(released_sum))
-        return [by_state, held, committed, released]
+        return [by_state, held, committed, released, *self._scheduler_metrics(conn)]
+
+    def _scheduler_metrics(self, conn: Connection) -> list[Metric]:
+        waiting = GaugeMetricFamily(
+            "tollgate_scheduler_queue_depth",
+            "Jobs waiting for a worker slot in the fair scheduler, per queue",
+            labels=["queue"],
+        )
+        running = GaugeMetricFamily(
+            "tollgate_scheduler_running",
+            "Jobs dispatched to a queue's workers and not yet ended",
+            labels=["queue"],
+        )
+        counts = {
+            (q, s): n
+            for q, s, n in conn.execute(
+                select(dispatch_queue.c.queue, dispatch_queue.c.state, func.count()).group_by(
+                    dispatch_queue.c.queue, dispatch_queue.c.state
+                )
+            )
+        }
+        for queue in sorted(set(GPU_QUEUES) | {q for q, _ in counts}):
+            waiting.add_metric([queue], counts.get((queue, "queued"), 0))
+            running.add_metric([queue], counts.get((queue, "dispatched"), 0))
+        return [waiting, running]
+
+    def _wait_metrics(self) -> Metric:
+        wait = HistogramMetricFamily(
+            "tollgate_queue_wait_seconds",
+            "Seconds a job waited in the scheduler before dispatch, per plan",
+            labels=["plan"],
+        )
+        client = _redis_for(self._redis_url())
+        for plan in PLANS:
+            buckets, total = wait_histogram(client, plan)
+            wait.add_metric([plan], buckets, total)
+        return wait
 
     def _queue_metrics(self) -> Metric:
         depth = GaugeMetricFamily(

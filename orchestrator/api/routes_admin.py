@@ -6,7 +6,7 @@ import contextlib
 from typing import Any, Final, Literal
 
 from fastapi import APIRouter, Response, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from billing import ledger
@@ -28,8 +28,10 @@ from orchestrator.api.schemas import (
 )
 from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.payments import purchases
+from orchestrator.scheduling import queues
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.settlement import alerts, retention
 
 router = APIRouter(
@@ -102,7 +104,35 @@ def grant_credits(
 def relay_quietly_all(engine: Any) -> None:
     """Publish what a grant started (render dispatches); the re-publisher covers failures."""
     with contextlib.suppress(Exception):  # best effort, like every fast path
+        nudge(engine, get_publisher())
         relay(engine, get_publisher())
+
+
+class LimitsIn(BaseModel):
+    # Running jobs per queue for this account; null: back to its plan's cap.
+    running_cap: int | None = Field(ge=0, le=queues.RUNNING_CAP_MAX)
+
+
+class LimitsOut(BaseModel):
+    account_id: str
+    plan: str
+    running_cap: int
+
+
+@router.post(
+    "/accounts/{account_id}/limits",
+    response_model=LimitsOut,
+    responses={**ERRORS, 404: {"model": ErrorOut, "description": "unknown account"}},
+)
+def set_limits(account_id: str, body: LimitsIn, engine: EngineDep) -> dict[str, Any]:
+    """Override the account's running cap (every queue); takes effect at the next dispatch."""
+    return queues.set_running_cap(engine, account_id, body.running_cap)
+
+
+@router.get("/queue", responses=ERRORS)
+def queue_overview(engine: EngineDep) -> dict[str, Any]:
+    """Per queue: live slots and workers, running, queued, the top accounts by queued jobs."""
+    return queues.overview(engine, get_publisher().redis)
 
 
 class PlanIn(BaseModel):

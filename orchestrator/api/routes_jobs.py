@@ -28,7 +28,8 @@ from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs import states
 from orchestrator.jobs.images import IMAGE_BYTES_MAX, InvalidImage, store_image
-from orchestrator.scheduling.outbox import relay_quietly
+from orchestrator.scheduling.queues import queue_info
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage
 from orchestrator.tables import images
 
@@ -90,7 +91,7 @@ def submit_job(
         callback_url=callback_url,
         webhook_events_filter=events,
     )
-    relay_quietly(engine, publish, submitted.job["id"])
+    nudge(engine, publish, submitted.job["id"])
     if not submitted.created:
         response.status_code = status.HTTP_200_OK
     return submitted.job
@@ -112,13 +113,23 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS)
 def get_job(
-    request: Request, job_id: str, account_id: AccountId, engine: EngineDep, storage: StorageDep
+    request: Request,
+    job_id: str,
+    account_id: AccountId,
+    engine: EngineDep,
+    storage: StorageDep,
+    publish: PublisherDep,
 ) -> dict[str, Any]:
     """A job. Each stored output has a `url` that works without an API key until its
     `expires_at` (TOLLGATE_OUTPUT_URL_TTL_S): presigned on S3, HMAC-signed
-    /v1/outputs/... on local storage. `webhook` shows the last callback delivery."""
+    /v1/outputs/... on local storage. `webhook` shows the last callback delivery. While it
+    waits for a worker slot, `queue: {position, eta_s}`."""
     sign = output_urls.signer(storage, output_urls.base_url(request))
-    return jobs.get(engine, account_id, job_id, sign)
+    job = jobs.get(engine, account_id, job_id, sign)
+    if job["status"] in (states.QUEUED, states.RENDERING):
+        redis = getattr(publish, "redis", None)
+        job["queue"] = queue_info(engine, redis, job_id) if redis is not None else None
+    return job
 
 
 @router.post(
@@ -140,7 +151,7 @@ def cancel_job(
     """Queued or dispatched: canceled and refunded now (200). Running: the worker stops at
     its next step and charges only delivered outputs (202). Ended: 409."""
     job = jobs.cancel(engine, account_id, job_id)
-    relay_quietly(engine, publish, job_id)
+    nudge(engine, publish, job_id)
     if job["status"] in (states.RUNNING, states.TRAINING, states.RENDERING):
         response.status_code = status.HTTP_202_ACCEPTED
     return job

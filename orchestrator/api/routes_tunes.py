@@ -12,7 +12,7 @@ from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
 from orchestrator.api.schemas import ErrorOut, InsufficientOut, JobOut
 from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.jobs import service as jobs
-from orchestrator.scheduling.outbox import relay_quietly
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.tunes import service as tunes
 
 router = APIRouter(prefix="/v1", tags=["tunes"], responses=UNAVAILABLE_RESPONSES)
@@ -63,7 +63,7 @@ def render(
 ) -> dict[str, Any]:
     """Hold 64 tune_image credits and render a trained tune that was waiting for them."""
     job = tunes.start_render(engine, account_id, tune_id)
-    relay_quietly(engine, publish, tune_id)
+    nudge(engine, publish, tune_id)
     return job
 
 
@@ -92,5 +92,5 @@ def prompt(
     num_images 1..8, width/height/steps priced by the table in tune_image credits."""
     spec = {**body.model_dump(exclude_unset=True), "type": "tune_prompt", "tune_id": tune_id}
     job = jobs.submit(engine, storage, account_id, spec).job
-    relay_quietly(engine, publish, job["id"])
+    nudge(engine, publish, job["id"])
     return job

@@ -135,6 +135,14 @@ class AttemptOut(BaseModel):
     detail: str | None
 
 
+class QueuePlace(BaseModel):
+    # Jobs that will run before this one (estimated from the fair order).
+    position: int
+    # Seconds until it starts: the family's mean run time x (position + 1) / live slots;
+    # null while no worker serves its queue or no run time is known yet.
+    eta_s: float | None
+
+
 class JobOut(BaseModel):
     id: str
     account_id: str
@@ -157,6 +165,8 @@ class JobOut(BaseModel):
     finished_at: str | None
     # GET /v1/jobs/{id} only (empty in lists): every attempt, oldest first.
     attempts: list[AttemptOut] = []
+    # Only on GET /v1/jobs/{id} while the job waits for a worker slot.
+    queue: QueuePlace | None = None
 
 
 class JobList(BaseModel):

@@ -9,6 +9,7 @@ from orchestrator.cli.api import api
 from orchestrator.cli.jobs import intake, jobs, submit
 from orchestrator.cli.ledger import accounts, credits, db, ledger_group, quote
 from orchestrator.cli.processes import demo, standalone
+from orchestrator.cli.queue import queue
 from orchestrator.cli.webhooks import webhooks
 
 
@@ -31,6 +32,7 @@ for command in (
     jobs,
     intake,
     api,
+    queue,
     webhooks,
 ):
     main.add_command(command)

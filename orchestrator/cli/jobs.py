@@ -198,13 +198,14 @@ def _submit_direct(
 
 
 def _relay(engine: Any, job_id: str) -> None:
-    """Publish the job's task and event now (needs Redis; otherwise the re-publisher will)."""
+    """Dispatch what the slots allow and publish the job's event now (needs Redis;
+    otherwise the periodic dispatcher and the re-publisher will)."""
     if not _redis_url():
         return
     from orchestrator.scheduling.dispatch import get_publisher
-    from orchestrator.scheduling.outbox import relay_quietly
+    from orchestrator.scheduling.scheduler import nudge
 
-    relay_quietly(engine, get_publisher(), job_id)
+    nudge(engine, get_publisher(), job_id)
 
 
 def _poll_until_done(

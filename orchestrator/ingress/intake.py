@@ -52,7 +52,8 @@ from orchestrator.ingress.messages import (
 )
 from orchestrator.ingress.streams import IntakeConfig
 from orchestrator.jobs import service as jobs
-from orchestrator.scheduling.outbox import Publisher, relay_quietly
+from orchestrator.scheduling.outbox import Publisher
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage
 from orchestrator.tunes import service as _tunes  # noqa: F401  (registers the tune family)
 
@@ -236,7 +237,7 @@ class Consumer:
             # (if this fails, the messages stay pending and are resubmitted idempotently).
             if accepted:
                 self._announce_and_ack(accepted)
-                relay_quietly(self.engine, self.publish, [job["id"] for _, _, job in accepted])
+                nudge(self.engine, self.publish, [job["id"] for _, _, job in accepted])
         return handled
 
     def _is_poison(self, message_id: str, fields: Mapping[str, Any]) -> bool:

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Connection, select, update
 from sqlalchemy.engine import Row
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.jobs import states, webhooks
-from orchestrator.scheduling import outbox
+from orchestrator.scheduling import outbox, scheduler
 from orchestrator.tables import jobs
+
+# States in which a job keeps its dispatch-queue entry (waiting for, or holding, a slot);
+# a move to any other state ends the phase. A tune's render enqueues itself again.
+SLOT_HOLDING: Final = frozenset({states.QUEUED, states.DISPATCHED, states.RUNNING, states.TRAINING})
 
 
 class JobNotFound(OrchestratorError):
@@ -125,6 +129,10 @@ def transition(
         .values(status=new_status, updated_at=now, **values)
         .returning(*jobs.c)
     ).one()
+    if new_status != current and new_status not in SLOT_HOLDING:
+        scheduler.release(conn, job_id, now)  # the phase ended: its slot or place is free
+    elif current == states.QUEUED and new_status != current:
+        scheduler.taken(conn, job_id, now)  # a task that was sent around the scheduler
     messages: list[tuple[str, dict[str, Any]]] = [("event", event_payload(row))]
     event = webhook_event(current, new_status)
     if event is not None and webhooks.wants(row, event):

@@ -1,8 +1,9 @@
 """The job service: submit, cancel, read. Each public function is one transaction.
 A job family's extra work at submit comes from `orchestrator.jobs.kinds`.
 
-Submit prices the spec, places the hold and writes the job row and its outbox messages in
-ONE transaction; the Celery task is published only after commit (outbox relay).
+Submit prices the spec, places the hold, writes the job row and its dispatch-queue entry
+in ONE transaction; the scheduler sends the Celery task when a worker slot is free, in
+fair order (orchestrator.scheduling.scheduler), through the outbox.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from orchestrator.jobs.records import (
     lock_job,
     view,
 )
-from orchestrator.scheduling import outbox
+from orchestrator.scheduling import outbox, scheduler
 from orchestrator.settlement import alerts, lease_sweep
 from orchestrator.settlement.settle import settler_for
 from orchestrator.storage import Storage
@@ -217,14 +218,9 @@ def submit(
         alerts.check(conn, account_id, price.credit_kind, now, job_id)
         if kind.after_hold is not None:
             kind.after_hold(conn, storage, job_id, account_id, spec_, now)
-        outbox.add_many(
-            conn,
-            job_id,
-            [
-                ("dispatch", {"job_id": job_id, "type": spec_["type"]}),
-                ("event", event_payload(row)),
-            ],
-        )
+        # The job waits for a worker slot, in fair order (the dispatcher sends its task).
+        scheduler.enqueue(conn, job_id, spec_["type"], account_id, now, new=True)
+        outbox.add(conn, "event", job_id, event_payload(row))
         return row
 
     try:

@@ -29,7 +29,7 @@ from orchestrator.execution.leases import (
 )
 from orchestrator.jobs import states
 from orchestrator.jobs.records import transition
-from orchestrator.scheduling import outbox
+from orchestrator.scheduling import scheduler
 from orchestrator.settlement.settle import settler_for
 from orchestrator.tables import jobs
 
@@ -43,7 +43,7 @@ RENDER_TYPE: Final = "tune_render"
 
 def requeue(conn: Connection, row: Row[Any], now: datetime) -> Row[Any]:
     """Dispatch a locked job again as a new attempt on the same hold(s): the lease is
-    dropped, and the phase's task is published through the outbox. A plain job or a tune in
+    dropped, and the phase waits in the scheduler's line again. A plain job or a tune in
     training goes back to `queued` (then `dispatched`); a render stays `rendering` without a
     lease until its task takes it. The one place that decides how a job is run again."""
     cleared: dict[str, Any] = {
@@ -58,7 +58,9 @@ def requeue(conn: Connection, row: Row[Any], now: datetime) -> Row[Any]:
     else:
         new_status, task_type = states.QUEUED, row.type
     moved = transition(conn, row.id, new_status, now, current=row.status, **cleared)
-    outbox.add(conn, "dispatch", row.id, {"job_id": row.id, "type": task_type})
+    # Back in line at its old place (the scheduler's entry returns to `queued`); the
+    # dispatcher sends it when its queue has a free slot.
+    scheduler.enqueue(conn, row.id, task_type, row.account_id, now)
     return moved
 
 

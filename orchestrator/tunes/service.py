@@ -31,7 +31,7 @@ from orchestrator.jobs import kinds, states
 from orchestrator.jobs.deadlines import HOLD_GRACE_S, QUEUE_ALLOWANCE_S
 from orchestrator.jobs.images import decode_b64, image_key, store_image
 from orchestrator.jobs.records import JobNotFound, OutputSigner, lock_job, transition, view
-from orchestrator.scheduling import outbox
+from orchestrator.scheduling import scheduler
 from orchestrator.settlement import alerts
 from orchestrator.settlement.retention import expires_at_for
 from orchestrator.storage import Storage
@@ -242,7 +242,7 @@ def _start_render(conn: Connection, tune_id: str, now: datetime, **values: Any) 
         cancel_requested=False,
         **values,
     )
-    outbox.add(conn, "dispatch", tune_id, {"job_id": tune_id, "type": RENDER_TASK})
+    scheduler.enqueue(conn, tune_id, RENDER_TASK, row.account_id, now)
     return row
 
 

@@ -22,7 +22,9 @@ def made_accounts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def client(settings_env: None, pg_engine: Engine, made_accounts: list[str]) -> Iterator[TestClient]:
+def client(
+    settings_env: None, announced_slots: None, pg_engine: Engine, made_accounts: list[str]
+) -> Iterator[TestClient]:
     with TestClient(create_app()) as test_client:
         yield test_client
     # Leave no job holding credits for the worker tests that may share this session.
