@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, insert, select, update
@@ -83,6 +83,10 @@ class Attempt:
     # The storage key of the spec's `image_id`, looked up when the job was taken (None when
     # the spec has no image or the image is not the account's).
     input_key: str | None = None
+    # For the worker's latency histograms: when the job was submitted, and how long it
+    # queued before this attempt (None unless this is the job's first start).
+    created_at: datetime | None = None
+    queue_wait_s: float | None = None
 
 
 @dataclass
@@ -224,13 +228,24 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
             attempt=row.attempt + 1,
             lease_token=token,
             worker=worker[:200],
-            started_at=now,
+            # When the job first began (a tune's training), not this attempt or phase.
+            started_at=row.started_at or now,
             outputs=[],
             progress_step=0,
         )
         # Only a lease is at stake: if a crash loses it, the job is redelivered or reaped.
         commit_without_flush_wait(conn)
-        return Attempt(job_id, row.attempt + 1, token, dict(row.spec), row.account_id, input_key)
+        waited = None if row.started_at else _seconds_between(row.created_at, now)
+        return Attempt(
+            job_id,
+            row.attempt + 1,
+            token,
+            dict(row.spec),
+            row.account_id,
+            input_key,
+            created_at=row.created_at,
+            queue_wait_s=waited,
+        )
 
     return run_transaction(engine, work)
 
@@ -335,13 +350,29 @@ def execute(
             )
         else:
             status = finish(engine, attempt, states.CANCELED, "canceled by the client", phase, ctx)
-        return {"job_id": job_id, "status": status}
+        return _result(attempt, status)
     except Exception as exc:
         log.exception("job %s failed", job_id)
         status = finish(engine, attempt, states.FAILED, _reason(exc), phase, ctx)
-        return {"job_id": job_id, "status": status}
+        return _result(attempt, status)
     status = finish(engine, attempt, states.SUCCEEDED, None, phase, ctx)
-    return {"job_id": job_id, "status": status}
+    return _result(attempt, status)
+
+
+def _result(attempt: Attempt, status: str) -> dict[str, Any]:
+    """The task's return value; the timings feed workers.metrics' latency histograms."""
+    result: dict[str, Any] = {"job_id": attempt.job_id, "status": status}
+    result["job_type"] = attempt.spec.get("type")
+    result["queue_wait_s"] = attempt.queue_wait_s
+    if states.is_terminal(status) and attempt.created_at is not None:
+        result["latency_s"] = _seconds_between(attempt.created_at, utcnow())
+    return result
+
+
+def _seconds_between(then: datetime, now: datetime) -> float:
+    if then.tzinfo is None:  # SQLite hands back naive UTC
+        then = then.replace(tzinfo=UTC)
+    return max(0.0, (now - then).total_seconds())
 
 
 def _reason(exc: BaseException) -> str:

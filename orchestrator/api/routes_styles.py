@@ -11,7 +11,7 @@ from fastapi import APIRouter, FastAPI, Query
 from pydantic import BaseModel, Field
 
 from orchestrator.api.deps import AccountId
-from orchestrator.api.schemas import ErrorOut
+from orchestrator.api.docs import responses
 from orchestrator.styles import get_catalogue
 
 
@@ -23,9 +23,7 @@ async def validate_catalogue(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(prefix="/v1", tags=["styles"], lifespan=validate_catalogue)
 
-ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    401: {"model": ErrorOut, "description": "missing or bad API key"},
-}
+ERRORS: Final = responses(401)
 
 
 class StyleOut(BaseModel):
@@ -46,7 +44,7 @@ class StyleList(BaseModel):
 @router.get("/styles", response_model=StyleList, responses=ERRORS)
 def list_styles(
     _account: AccountId,
-    tag: Annotated[str | None, Query(description="only styles with this tag")] = None,
+    tag: Annotated[str | None, Query(max_length=100, description="only styles with this tag")] = None,
 ) -> dict[str, Any]:
     """The style catalogue a tune picks its 8 render styles from (file order)."""
     catalogue = get_catalogue()
