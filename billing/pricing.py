@@ -220,7 +220,8 @@ def check_fields(spec: Mapping[str, Any]) -> None:
     for name in sorted(spec, key=str):
         if name != "type" and name not in allowed:
             raise InvalidJobSpec(
-                str(name), f"unknown field for a {job_type} job; allowed: {', '.join(sorted(allowed))}"
+                str(name),
+                f"unknown field for a {job_type} job; allowed: {', '.join(sorted(allowed))}",
             )
     for (nested_type, parent), keys in SPEC_NESTED_FIELDS.items():
         value = spec.get(parent)

@@ -195,7 +195,9 @@ def create_app() -> FastAPI:
         responses={
             200: {
                 "description": "Prometheus text format",
-                "content": {CONTENT_TYPE_LATEST: {"example": "tollgate_up{component=\"database\"} 1.0\n"}},
+                "content": {
+                    CONTENT_TYPE_LATEST: {"example": 'tollgate_up{component="database"} 1.0\n'}
+                },
             },
             **responses(),
         },

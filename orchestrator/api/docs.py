@@ -19,6 +19,7 @@ ID_MAX_CHARS: Final = 64
 # Ids are made of these (job_..., img_..., acct_...); anything else cannot name a record.
 ID_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
+
 def error(code: int, description: str | None = None) -> dict[str, Any]:
     default_description, example = ERROR_EXAMPLES[code]
     return {
@@ -36,9 +37,7 @@ def ok(model: Any, description: str, example: Any) -> dict[str, Any]:
     }
 
 
-def responses(
-    *codes: int, **described: str
-) -> dict[int | str, dict[str, Any]]:
+def responses(*codes: int, **described: str) -> dict[int | str, dict[str, Any]]:
     """Error responses for `codes` (422 and 413 always: every route takes input). A code's
     description can be overridden: responses(404, 409, e409="the job already ended")."""
     out: dict[int | str, dict[str, Any]] = {}

@@ -21,7 +21,9 @@ JOB_EXAMPLE: Final[dict[str, Any]] = {
     "started_at": None,
     "finished_at": None,
 }
-PHOTO_B64: Final = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+PHOTO_B64: Final = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
 # One request example per job type (POST /v1/quote and POST /v1/jobs).
 SPEC_EXAMPLES: Final[dict[str, dict[str, Any]]] = {
     "txt2img": {

@@ -85,7 +85,9 @@ def ledger_entries(
     account_id: AccountId,
     engine: EngineDep,
     limit: Annotated[int, Query(ge=1, le=LEDGER_LIMIT_MAX)] = 50,
-    before: Annotated[int | None, Query(ge=1, le=ENTRY_ID_MAX, description="an entry id: older ones")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=ENTRY_ID_MAX, description="an entry id: older ones")
+    ] = None,
 ) -> dict[str, Any]:
     """Your ledger entries (grants, holds, commits, releases, expiries), newest first."""
     return run_transaction(engine, lambda conn: ledger_page(conn, account_id, limit, before))

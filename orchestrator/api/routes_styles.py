@@ -11,7 +11,7 @@ from fastapi import APIRouter, FastAPI, Query
 from pydantic import BaseModel, Field
 
 from orchestrator.api.deps import AccountId
-from orchestrator.api.docs import responses
+from orchestrator.api.docs import ok, responses
 from orchestrator.styles import get_catalogue
 
 
@@ -41,10 +41,32 @@ class StyleList(BaseModel):
     default: list[str] = Field(description="the styles a tune renders when it names none")
 
 
-@router.get("/styles", response_model=StyleList, responses=ERRORS)
+STYLES_EXAMPLE: Final = {
+    "styles": [
+        {
+            "id": "studio-portrait",
+            "name": "Studio portrait",
+            "template": "a studio portrait photo of {subject}, soft light",
+            "negative_prompt": "blurry",
+            "steps": 30,
+            "guidance": 7.0,
+            "tags": ["portrait"],
+        }
+    ],
+    "default": ["studio-portrait"],
+}
+
+
+@router.get(
+    "/styles",
+    response_model=StyleList,
+    responses={200: ok(StyleList, "the catalogue", STYLES_EXAMPLE), **ERRORS},
+)
 def list_styles(
     _account: AccountId,
-    tag: Annotated[str | None, Query(max_length=100, description="only styles with this tag")] = None,
+    tag: Annotated[
+        str | None, Query(max_length=100, description="only styles with this tag")
+    ] = None,
 ) -> dict[str, Any]:
     """The style catalogue a tune picks its 8 render styles from (file order)."""
     catalogue = get_catalogue()

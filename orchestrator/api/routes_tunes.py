@@ -47,7 +47,13 @@ QUEUED: Final = ok(JobOut, "accepted and queued: the credits are held", JOB_EXAM
 
 @router.get(
     "/tunes/{tune_id}",
-    responses={200: {"description": "the tune", "content": {"application/json": {"example": TUNE_EXAMPLE}}}, **ERRORS},
+    responses={
+        200: {
+            "description": "the tune",
+            "content": {"application/json": {"example": TUNE_EXAMPLE}},
+        },
+        **ERRORS,
+    },
 )
 def get_tune(
     tune_id: TuneIdPath, account_id: AccountId, engine: EngineDep, storage: StorageDep

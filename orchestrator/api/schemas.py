@@ -19,7 +19,6 @@ CALLBACK_URL_MAX_CHARS: Final = 2000  # orchestrator.specs.CALLBACK_URL_MAX_CHAR
 GRANT_AMOUNT_MAX: Final = 10_000_000  # billing.ledger.GRANT_AMOUNT_MAX
 
 
-
 def _text(max_chars: int, min_chars: int = 0) -> StringConstraints:
     return StringConstraints(min_length=min_chars, max_length=max_chars, pattern=NO_NUL_PATTERN)
 
@@ -162,9 +161,7 @@ class AccountIn(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "acme", "plan": "free"}]})
 
     name: Name
-    plan: Word = Field(
-        "free", description="free, standard or business"
-    )
+    plan: Word = Field("free", description="free, standard or business")
 
 
 class AccountOut(BaseModel):
@@ -179,13 +176,9 @@ class GrantIn(BaseModel):
         }
     )
 
-    kind: Word = Field(
-        description="image, tune or tune_image"
-    )
+    kind: Word = Field(description="image, tune or tune_image")
     amount: StrictInt = Field(ge=1, le=GRANT_AMOUNT_MAX)
-    source: Word = Field(
-        "purchase", description="purchase, plan, promo or adjustment"
-    )
+    source: Word = Field("purchase", description="purchase, plan, promo or adjustment")
     reference: Reference = Field(
         description="idempotency reference: the same grant again adds nothing"
     )
@@ -215,5 +208,6 @@ class InsufficientOut(BaseModel):
 
 
 class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a 503 adds `detail`
+
     status: str
-    detail: str | None = None

@@ -124,6 +124,10 @@ def _submit_via_redis(
         fail("--via redis needs TOLLGATE_REDIS_URL", EXIT_BAD_INPUT)
     if not isinstance(spec, dict):
         fail("job json must be a JSON object", EXIT_BAD_INPUT)
+    try:  # what pricing refuses (an unknown field too) fails here, not in the dead letter
+        billing.quote(spec)
+    except billing.InvalidJobSpec as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
     client = TollgateClient(url)
     sub = client.submit(account_id, spec, idempotency_key, callback_url)
     if not wait_:

@@ -14,10 +14,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis import GenerationMode
-from schemathesis import checks
+from schemathesis import GenerationMode, checks
 
-from orchestrator.api.app import create_app
 from tests.api_helpers import ADMIN, Headers, make_account
 
 pytestmark = pytest.mark.slow
