@@ -12,8 +12,9 @@
 duplicate delivery) or, when the task itself raised, `error` (time limits included), or
 `revoked`. A phase that ends with the job moving on (a tune's training, then `rendering`)
 counts as `succeeded`. The latency histograms' `family` is the job type (a tune's end to end
-is observed when its render ends). GPU memory is read after each task only where torch is already imported and CUDA
-initialised: this module never imports torch (the API image has none).
+is observed when its render ends). GPU memory is read after each task only where torch is
+already imported and CUDA initialised: this module never imports torch (the API image has
+none).
 
 Celery runs tasks in prefork children, so the metrics use prometheus_client's multiprocess
 mode when PROMETHEUS_MULTIPROC_DIR is set (the images set it): every process writes its own
