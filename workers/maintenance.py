@@ -1,4 +1,5 @@
-"""Beat tasks: the reaper and the outbox re-publisher."""
+"""Beat tasks: the reaper, the outbox re-publisher and the tune sweep. They send no task
+events (workers.celery_config.HOUSEKEEPING_TASKS): Flower lists product tasks only."""
 
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ from workers.app import app
 REPUBLISH_MIN_AGE_S = 2.0
 
 
-@app.task(name="tollgate.reap")
+@app.task(name="tollgate.reap", send_events=False)
 def reap_task() -> int:
     return len(reap(get_engine()))
 
 
-@app.task(name="tollgate.republish")
+@app.task(name="tollgate.republish", send_events=False)
 def republish_task() -> int:
     return relay(get_engine(), get_publisher(), min_age_s=REPUBLISH_MIN_AGE_S)
 
 
-@app.task(name="tollgate.tunes")
+@app.task(name="tollgate.tunes", send_events=False)
 def tunes_task() -> dict[str, int]:
     """Retention sweep, and renders for tunes whose credits arrived by any path."""
     engine = get_engine()
