@@ -8,7 +8,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.errors import OrchestratorError
+
 DEFAULT_VAR_DIR = Path("var")
+DEFAULT_CALLBACK_SECRET = "change-me"
 
 
 class Settings(BaseSettings):
@@ -24,7 +27,10 @@ class Settings(BaseSettings):
     # Where inputs and outputs are stored: a local path or any fsspec URL.
     storage_url: str = str(DEFAULT_VAR_DIR / "storage")
     # Secret for the HMAC-SHA256 signature of job callbacks.
-    callback_secret: str = "change-me"
+    # The API, intake and workers refuse to start with the default or an empty one, except in
+    # the embedded demo (`tollgate standalone`/`demo` make a random one per run when unset).
+    callback_secret: str = DEFAULT_CALLBACK_SECRET
+    embedded_demo: bool = False
     # Tunes: how long trained weights are kept (a free plan's from training, a lapsed paid
     # plan's from the lapse), the size and step cap of the 64-image render, and where a
     # worker keeps training checkpoints and downloaded LoRAs.
@@ -40,3 +46,26 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+class UnsafeSettings(OrchestratorError):
+    """A setting that must not be left at its default outside the embedded demo."""
+
+
+def check_startup(component: str, settings: Settings | None = None) -> list[str]:
+    """Raise UnsafeSettings naming the variable when the callback secret is the default or
+    empty (outside the embedded demo); return warnings to print (admin routes disabled)."""
+    settings = settings or get_settings()
+    secret = settings.callback_secret.strip()
+    if not settings.embedded_demo and secret in ("", DEFAULT_CALLBACK_SECRET):
+        raise UnsafeSettings(
+            f"{component}: refusing to start: TOLLGATE_CALLBACK_SECRET is "
+            f"{'empty' if not secret else 'the default ' + repr(DEFAULT_CALLBACK_SECRET)}; "
+            "set it to a long random secret (callbacks are signed with it)"
+        )
+    warnings = []
+    if component == "api" and not settings.admin_token:
+        warnings.append(
+            "admin routes (/v1/accounts ...) are disabled: TOLLGATE_ADMIN_TOKEN is empty"
+        )
+    return warnings

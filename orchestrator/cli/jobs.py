@@ -302,8 +302,13 @@ def intake(
 ) -> None:
     """Run a consumer of the tollgate:jobs stream until SIGTERM/SIGINT."""
     from orchestrator.intake import consumer_from_settings, install_signal_handlers
+    from orchestrator.settings import UnsafeSettings, check_startup
     from orchestrator.streams import IntakeConfig
 
+    try:
+        check_startup("intake")
+    except UnsafeSettings as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = IntakeConfig(
         batch_size=batch_size,
