@@ -16,7 +16,6 @@ from orchestrator.events import append_event
 from orchestrator.families import CALLBACK_TASK, family_for
 from orchestrator.settings import get_settings
 
-
 # Job type of a dispatch -> the phase suffix of its task id.
 PHASE_SUFFIXES: Final = {"tune": "train", "tune_render": "render"}
 

@@ -158,7 +158,13 @@ def beat(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_flower_shows_the_worker_and_the_job(
-    flower: str, beat: Path, worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, metrics_port: int
+    flower: str,
+    beat: Path,
+    worker: Any,
+    pg_engine: Engine,
+    storage: Storage,
+    redis_url: str,
+    metrics_port: int,
 ) -> None:
     assert httpx.get(f"{flower}/api/workers", timeout=5).status_code == 401, "basic auth"
     assert httpx.get(f"{flower}/", auth=("ops", "wrong"), timeout=5).status_code == 401
