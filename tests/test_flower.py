@@ -211,6 +211,12 @@ def test_flower_shows_the_worker_and_the_job(
         in (metrics)
     )
     assert 'tollgate_worker_jobs_running{family="txt2img"} 0.0' in metrics
+    # Queue wait (submit to first start) and end-to-end latency, per family.
+    assert 'tollgate_worker_queue_wait_seconds_count{family="txt2img"} 1.0' in metrics
+    assert (
+        'tollgate_worker_job_latency_seconds_count{family="txt2img",outcome="succeeded"} 1.0'
+        in metrics
+    )
 
     # Housekeeping ran meanwhile (beat sent it, the worker ran it) but is not in Flower.
     assert poll(lambda: log_text(beat).count("Sending due task republish") >= 2, 40)

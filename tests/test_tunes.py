@@ -133,6 +133,8 @@ def test_full_flow_trains_renders_64_and_charges_exactly(
     sheet = Image.open(io.BytesIO(storage.get(f"tunes/{tune_id}/contact_sheet.png")))
     assert sheet.width > 8 * 128 and sheet.height >= 8 * 128
     assert t["expires_at"] is not None  # free plan: 30 days
+    # started_at is when training began: before trained_at, not the render's start.
+    assert t["started_at"] is not None and t["started_at"] <= t["trained_at"], t
     b_tune, b_img = balance(pg_engine, acc, "tune"), balance(pg_engine, acc, "tune_image")
     assert (b_tune.balance, b_tune.held, b_img.balance, b_img.held) == (0, 0, 0, 0)
     tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id))
