@@ -60,11 +60,11 @@ _IMAGE_FIELDS: Final = frozenset(
 )
 _INPUT_FIELDS: Final = frozenset({"image_id", "image_b64"})
 SPEC_FIELDS: Final[dict[str, frozenset[str]]] = {
-    "txt2img": _IMAGE_FIELDS,
+    "txt2img": _IMAGE_FIELDS | {"model"},
     "tune_prompt": _IMAGE_FIELDS | {"tune_id", "style"},
-    "upscale": _INPUT_FIELDS | {"scale"},
-    "face_enhance": _INPUT_FIELDS,
-    "remove_background": _INPUT_FIELDS,
+    "upscale": _INPUT_FIELDS | {"scale", "model"},
+    "face_enhance": _INPUT_FIELDS | {"model"},
+    "remove_background": _INPUT_FIELDS | {"model", "alpha_matting"},
     "tune": frozenset(
         {"name", "subject", "image_ids", "images_b64", "base_model", "styles", "training"}
     ),

@@ -51,6 +51,8 @@ class JobSpec(BaseModel):
     scale: Any = Field(None, description="upscale: 2 or 4 (default 4)")
     image_id: Any = Field(None, description="image jobs: an id from POST /v1/images")
     image_b64: Any = Field(None, description="image jobs: the image inline, base64")
+    model: Any = Field(None, description="txt2img and image jobs: a model id (default per type)")
+    alpha_matting: Any = Field(None, description="remove_background: true or false")
 
     def as_spec(self) -> dict[str, Any]:
         """The spec exactly as sent (no defaults filled in, no coercion)."""
