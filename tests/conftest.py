@@ -127,6 +127,7 @@ def service_env(pg_url: str, redis_url: str, storage_url: str) -> dict[str, str]
         "TOLLGATE_STORAGE_URL": storage_url,
         "TOLLGATE_ADMIN_TOKEN": "test-admin-token",
         "TOLLGATE_CALLBACK_SECRET": TEST_WEBHOOK_SECRET,
+        "TOLLGATE_OUTPUT_URL_SECRET": "test-output-url-secret-" + "0" * 16,
         "TOLLGATE_CALLBACK_BACKOFF_S": "0.2",
     }
 

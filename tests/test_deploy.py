@@ -7,6 +7,7 @@ kubernetes-validate): a missing tool fails these tests, it does not skip them.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,33 @@ def test_compose_stack() -> None:
     assert services["worker-cpu"]["profiles"] == ["cpu"]
     assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
     assert any(v.endswith(":/models:ro") for v in gpu["volumes"])
+
+
+def _duration_s(text: str) -> int:
+    """A compose duration (`2h10m`, `15m`, `90s`) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+)([hms])", str(text))
+    assert parts and "".join(n + u for n, u in parts) == str(text), text
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def test_compose_workers_outlast_their_longest_job() -> None:
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    limits: dict[str, int] = {}
+    for family in FAMILIES.values():
+        limits[family.queue] = max(limits.get(family.queue, 0), family.time_limit_s)
+    checked = []
+    for name, service in compose["services"].items():
+        command = service.get("command") or []
+        if "worker" not in command or "-Q" not in command:
+            continue
+        queues = command[command.index("-Q") + 1].split(",")
+        longest = max(limits.get(q, 0) for q in queues)
+        grace = _duration_s(service.get("stop_grace_period", "10s"))
+        assert grace > longest, (name, grace, longest)
+        checked.append(name)
+    assert {"worker-gpu", "worker-cpu"} <= set(checked)
+    assert limits["gpu.train"] == 7500  # the figure the compose comment quotes
 
 
 def test_probe_script_usage() -> None:

@@ -125,8 +125,46 @@ def flower(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def beat(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The real beat: it sends tollgate.republish every 5 s and tollgate.reap every 15 s."""
+    folder = tmp_path_factory.mktemp("beat")
+    log_path = folder / "beat.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "beat",
+        "-l",
+        "info",
+        "--schedule",
+        str(folder / "schedule"),
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            argv, env=service_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+    try:
+        yield log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_flower_shows_the_worker_and_the_job(
-    flower: str, worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, metrics_port: int
+    flower: str,
+    beat: Path,
+    worker: Any,
+    pg_engine: Engine,
+    storage: Storage,
+    redis_url: str,
+    metrics_port: int,
 ) -> None:
     assert httpx.get(f"{flower}/api/workers", timeout=5).status_code == 401, "basic auth"
     assert httpx.get(f"{flower}/", auth=("ops", "wrong"), timeout=5).status_code == 401
@@ -173,3 +211,21 @@ def test_flower_shows_the_worker_and_the_job(
         in (metrics)
     )
     assert 'tollgate_worker_jobs_running{family="txt2img"} 0.0' in metrics
+    # Queue wait (submit to first start) and end-to-end latency, per family.
+    assert 'tollgate_worker_queue_wait_seconds_count{family="txt2img"} 1.0' in metrics
+    assert (
+        'tollgate_worker_job_latency_seconds_count{family="txt2img",outcome="succeeded"} 1.0'
+        in metrics
+    )
+
+    # Housekeeping ran meanwhile (beat sent it, the worker ran it) but is not in Flower.
+    assert poll(lambda: log_text(beat).count("Sending due task republish") >= 2, 40)
+    housekeeping = ("tollgate.republish", "tollgate.reap", "tollgate.tunes")
+    listed_tasks = httpx.get(f"{flower}/api/tasks", auth=AUTH, timeout=10).json()
+    names = {t.get("name") for t in listed_tasks.values()}
+    assert not names & set(housekeeping), names
+    assert job_id in listed_tasks  # the product task stays
+
+
+def log_text(path: Path) -> str:
+    return path.read_text(errors="replace")

@@ -435,3 +435,17 @@ def test_client_wait_raises_the_dead_letter_reason(
     assert caught.value.kind == "unknown_account"
     assert caught.value.fields["message_id"] == sub.message_id
     client.close()
+
+
+def test_an_unknown_spec_field_is_dead_lettered_naming_it(
+    pg_engine: Engine, rc: redis.Redis, config: IntakeConfig, consumer: Consumer, account: str
+) -> None:
+    xadd(rc, config, job_text(account, {**TXT2IMG, "num_image": 4}, key="typo"))
+
+    drain(consumer)
+
+    [dead] = dead_letters(rc, config)
+    assert dead["kind"] == "invalid_spec" and dead["field"] == "num_image"
+    assert "unknown field" in dead["reason"]
+    assert job_count(pg_engine, account) == 0
+    assert available(pg_engine, account) == 10  # nothing held

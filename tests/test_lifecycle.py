@@ -48,7 +48,7 @@ def txt2img(num_images: int = 1, test: str = "ok", **extra: Any) -> dict[str, An
         "height": 512,
         "steps": 20,
         "num_images": num_images,
-        "test": test,
+        **({"test": test} if test != "ok" else {}),  # lifecycle_helpers.submit scripts it
         **extra,
     }
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -158,3 +160,35 @@ def test_quote_cli_prints_json_and_exits_2_on_bad_input() -> None:
         check=False,
     )
     assert garbage.returncode == 2 and "not valid JSON" in garbage.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (txt2img(num_image=4), "num_image"),
+        ({"type": "face_enhance", "scale": 2}, "scale"),
+        ({"type": "tune", "name": "me", "training": {"steps": 30, "lr": 1}}, "training.lr"),
+        (txt2img(prompt="a\x00b"), "prompt"),
+    ],
+)
+def test_unknown_fields_and_nul_are_refused_naming_the_field(
+    spec: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidJobSpec) as err:
+        quote(spec)
+    assert err.value.field == field
+
+
+def test_quote_and_submit_clis_refuse_an_unknown_field() -> None:
+    spec = json.dumps(txt2img(num_image=4))
+    for args in (["quote", spec], ["submit", spec, "--account", "acc_x", "--via", "redis"]):
+        env = {**os.environ, "TOLLGATE_REDIS_URL": "redis://127.0.0.1:1/0"}  # never reached
+        out = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
+        assert out.returncode == 2, (args, out.stderr)
+        assert "num_image" in out.stderr and "unknown field" in out.stderr

@@ -112,7 +112,12 @@ def funded(engine: Engine, tune: int, tune_image: int, plan: str = "free") -> st
 
 
 def test_full_flow_trains_renders_64_and_charges_exactly(
-    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, models_kit_dir: Path
+    tune_worker: Any,
+    pg_engine: Engine,
+    storage: Storage,
+    redis_url: str,
+    models_kit_dir: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     acc = funded(pg_engine, tune=1, tune_image=64)
     tune_id = submit(
@@ -135,6 +140,18 @@ def test_full_flow_trains_renders_64_and_charges_exactly(
     sheet = Image.open(io.BytesIO(storage.get(f"tunes/{tune_id}/contact_sheet.png")))
     assert sheet.width > 8 * 128 and sheet.height >= 8 * 128
     assert t["expires_at"] is not None  # free plan: 30 days
+    # started_at is when training began: before trained_at, not the render's start.
+    assert t["started_at"] is not None and t["started_at"] <= t["trained_at"], t
+    # The demo's table shows both holds: 1 tune credit and the render's 64 tune_image ones.
+    from orchestrator.demo import _print_table
+
+    capsys.readouterr()
+    _print_table([jobs.get(pg_engine, acc, tune_id)])
+    table = capsys.readouterr().out.splitlines()
+    tune_row = next(line for line in table if line.startswith(tune_id))
+    render_row = next(line for line in table if "+ render" in line)
+    assert "(tune)" in tune_row and tune_row.split()[2] == "1"
+    assert render_row.split()[2:5] == ["64", "64", "0"] and "(tune_image)" in render_row
     b_tune, b_img = balance(pg_engine, acc, "tune"), balance(pg_engine, acc, "tune_image")
     assert (b_tune.balance, b_tune.held, b_img.balance, b_img.held) == (0, 0, 0, 0)
     tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id))

@@ -24,6 +24,18 @@ def _after_fork(**_: Any) -> None:
 
 
 @worker_init.connect
+def _check_secrets(**_: Any) -> None:
+    """Refuse to start with the default callback secret, naming the variable. (SystemExit,
+    because Celery logs and swallows an Exception from a signal handler.)"""
+    from orchestrator.settings import UnsafeSettings, check_startup
+
+    try:
+        check_startup("worker")
+    except UnsafeSettings as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+@worker_init.connect
 def _check_models(**_: Any) -> None:
     """Fail at start, naming the file, when a model this worker serves is missing.
     TOLLGATE_WORKER_MODELS lists them (comma-separated; default: every registry entry)."""

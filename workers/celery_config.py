@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
+from celery.signals import beat_init
 from kombu import Queue
 
 from orchestrator.jobs.families import (
@@ -26,6 +27,18 @@ TASK_MODULES = (
     "workers.tune",
     "workers.callbacks",
     "workers.maintenance",
+)
+# Housekeeping runs every few seconds; its events would bury the product's tasks in Flower.
+# So these tasks send no task events (`send_events=False` on each, wherever a worker runs
+# them) and beat, which sends only these, sends no task-sent events. Product tasks (jobs,
+# callbacks, and the dispatches the re-publisher relays) keep all their events.
+HOUSEKEEPING_TASKS = (
+    "tollgate.reap",
+    "tollgate.republish",
+    "tollgate.tunes",
+    "tollgate.leases",
+    "tollgate.outputs",
+    "tollgate.dispatch",
 )
 REAP_INTERVAL_S = 15
 REPUBLISH_INTERVAL_S = 5
@@ -83,3 +96,11 @@ def make_celery(redis_url: str, *, include: tuple[str, ...] = TASK_MODULES) -> C
         worker_hijack_root_logger=False,
     )
     return app
+
+
+@beat_init.connect(weak=False)
+def _beat_sends_no_task_events(sender: Any = None, **_: Any) -> None:
+    """Beat only sends housekeeping: keep its task-sent events out of Flower."""
+    app = getattr(sender, "app", None)
+    if app is not None:
+        app.conf.task_send_sent_event = False

@@ -4,7 +4,9 @@ tunes and output retention.
 Each runs its work inside `_tolerant`: the database calls already retry transient faults
 (run_transaction), and one that outlasts its budget ends this run with a warning instead of
 a task failure; the next run (every few seconds) starts over. Nothing is lost: the reaper,
-the sweep and the re-publisher work from the database's state."""
+the sweep and the re-publisher work from the database's state.
+They send no task events (workers.celery_config.HOUSEKEEPING_TASKS): Flower lists product
+tasks only."""
 
 from __future__ import annotations
 
@@ -47,12 +49,12 @@ def _tolerant(name: str, work: Callable[[], T], skipped: T) -> T:
             return skipped
 
 
-@app.task(name="tollgate.reap")
+@app.task(name="tollgate.reap", send_events=False)
 def reap_task() -> int:
     return _tolerant("reap", lambda: len(reap(get_engine())), 0)
 
 
-@app.task(name="tollgate.leases")
+@app.task(name="tollgate.leases", send_events=False)
 def leases_task() -> dict[str, int]:
     """Take back jobs whose lease expired (cancel, dispatch again, or fail and refund)."""
 
@@ -70,14 +72,14 @@ def leases_task() -> dict[str, int]:
     return _tolerant("leases", work, {"redispatched": 0, "canceled": 0, "failed": 0})
 
 
-@app.task(name="tollgate.republish")
+@app.task(name="tollgate.republish", send_events=False)
 def republish_task() -> int:
     return _tolerant(
         "republish", lambda: relay(get_engine(), get_publisher(), min_age_s=REPUBLISH_MIN_AGE_S), 0
     )
 
 
-@app.task(name="tollgate.tunes")
+@app.task(name="tollgate.tunes", send_events=False)
 def tunes_task() -> dict[str, int]:
     """Scheduled plan lapses, the retention sweep, and renders for tunes whose credits
     arrived by any path."""
@@ -94,7 +96,7 @@ def tunes_task() -> dict[str, int]:
     return _tolerant("tunes", work, {"lapsed": 0, "expired": 0, "renders_started": 0})
 
 
-@app.task(name="tollgate.outputs")
+@app.task(name="tollgate.outputs", send_events=False)
 def outputs_task() -> dict[str, int]:
     """Output retention: one bounded batch of expired outputs and input images."""
     return _tolerant("outputs", _outputs_batch, {"jobs": 0, "images": 0})
@@ -105,7 +107,7 @@ def _outputs_batch() -> dict[str, int]:
     return {"jobs": len(swept.jobs), "images": len(swept.images)}
 
 
-@app.task(name="tollgate.dispatch")
+@app.task(name="tollgate.dispatch", send_events=False)
 def dispatch_task() -> int:
     """The periodic dispatcher: whatever a missed nudge left queued goes out within one
     interval (the fast paths run it after each submit and each job's end)."""

@@ -3,6 +3,8 @@
     tollgate_worker_jobs_total{family,queue,outcome}      jobs ended, by job family and outcome
     tollgate_worker_job_duration_seconds{family,outcome}  wall time of a task run (histogram)
     tollgate_worker_jobs_running{family}                  tasks running now
+    tollgate_worker_queue_wait_seconds{family}            submit to first start (histogram)
+    tollgate_worker_job_latency_seconds{family,outcome}   submit to end, end to end (histogram)
     tollgate_worker_model_loads_total{model}              models loaded into the warm cache
     tollgate_worker_gpu_memory_bytes{device,kind}         CUDA memory: allocated / reserved / peak
     tollgate_leases_expired_total{family}                 leases the sweep found expired
@@ -10,8 +12,11 @@
 
 `outcome` is the job's status the task returned (succeeded, failed, canceled, skipped: a
 duplicate delivery) or, when the task itself raised, `error` (time limits included), or
-`revoked`. GPU memory is read after each task only where torch is already imported and CUDA
-initialised: this module never imports torch (the API image has none).
+`revoked`. A phase that ends with the job moving on (a tune's training, then `rendering`)
+counts as `succeeded`. The latency histograms' `family` is the job type (a tune's end to end
+is observed when its render ends). GPU memory is read after each task only where torch is
+already imported and CUDA initialised: this module never imports torch (the API image has
+none).
 
 Celery runs tasks in prefork children, so the metrics use prometheus_client's multiprocess
 mode when PROMETHEUS_MULTIPROC_DIR is set (the images set it): every process writes its own
@@ -84,6 +89,19 @@ LEASES_EXPIRED = Counter(
 REDISPATCHED = Counter(
     "tollgate_jobs_redispatched", "Jobs dispatched again after their lease expired", ["family"]
 )
+QUEUE_WAIT = Histogram(
+    "tollgate_worker_queue_wait_seconds",
+    "Time from submit to a job's first start on a worker",
+    ["family"],
+    buckets=DURATION_BUCKETS,
+)
+LATENCY = Histogram(
+    "tollgate_worker_job_latency_seconds",
+    "Time from submit to a job's end (end to end)",
+    ["family", "outcome"],
+    buckets=DURATION_BUCKETS,
+)
+OUTCOMES: Final = ("succeeded", "failed", "canceled", "expired", "skipped", "error", "revoked")
 
 _started: dict[str, float] = {}
 _loads_seen: dict[str, int] = {}
@@ -96,8 +114,25 @@ def family_of(task_name: str | None) -> tuple[str, str] | None:
 
 def outcome_of(retval: Any, state: str | None) -> str:
     if isinstance(retval, dict) and isinstance(retval.get("status"), str):
-        return str(retval["status"])
+        status = str(retval["status"])
+        # Not an end: the phase succeeded and the job moved on (training -> rendering).
+        return status if status in OUTCOMES else "succeeded"
     return "error" if state == "FAILURE" else (state or "unknown").lower()
+
+
+def observe_latency(retval: Any) -> None:
+    """Queue wait and end-to-end latency from a job task's result (orchestrator.execution)."""
+    if not isinstance(retval, dict) or not isinstance(retval.get("job_type"), str):
+        return
+    family = str(retval["job_type"])
+    if family not in FAMILIES:
+        return
+    waited = retval.get("queue_wait_s")
+    if isinstance(waited, int | float):
+        QUEUE_WAIT.labels(family).observe(waited)
+    latency = retval.get("latency_s")
+    if isinstance(latency, int | float):
+        LATENCY.labels(family, outcome_of(retval, None)).observe(latency)
 
 
 def _record(task_id: str | None, task_name: str | None, outcome: str) -> None:
@@ -133,6 +168,7 @@ def _on_postrun(
             _record(task_id, getattr(task, "name", None), "error")
     else:
         _record(task_id, getattr(task, "name", None), outcome_of(retval, state))
+        observe_latency(retval)
     observe_models()
     observe_gpu_memory()
 

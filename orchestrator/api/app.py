@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import billing
 from orchestrator import db
@@ -28,8 +29,10 @@ from orchestrator.api import (
     unavailable,
 )
 from orchestrator.api.deps import EngineDep
+from orchestrator.api.docs import ok, responses
 from orchestrator.api.limits import BodyLimit
 from orchestrator.api.metrics import RequestMetrics, make_registry
+from orchestrator.api.pages import install_docs
 from orchestrator.api.schemas import Health
 from orchestrator.faults import API_RETRY_AFTER_S
 from orchestrator.jobs import service as jobs
@@ -41,7 +44,12 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """Credit-gated GPU jobs. Authenticate with `Authorization: Bearer <api key>`
 (admin routes: the admin token). Quote a spec, submit it (credits are held), poll it, fetch
-its outputs; a job is charged only for delivered outputs and refunded otherwise."""
+its outputs; a job is charged only for delivered outputs and refunded otherwise.
+
+Errors are JSON `{"detail": ...}`; a 422 names the offending `field` (an unknown field in a
+job spec too), a 402 says `needed` and `available`."""
+# FastAPI's answer to a body it cannot decode (not UTF-8, for one): a 400 without a field.
+UNPARSABLE_BODY = "There was an error parsing the body"
 
 
 def _error(code: int, detail: str, **extra: Any) -> JSONResponse:
@@ -101,6 +109,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
         return handler
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == status.HTTP_400_BAD_REQUEST and exc.detail == UNPARSABLE_BODY:
+            return _error(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                "body: not valid JSON (send UTF-8 encoded JSON)",
+                field="body",
+            )
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
@@ -109,6 +129,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(invalid_type, invalid)
     app.add_exception_handler(UnknownImage, unknown_image)
     app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(jobs.JobRejected, rejected)
     app.add_exception_handler(billing.InsufficientCredits, insufficient)
     plain_errors: tuple[tuple[type[Exception], int], ...] = (
@@ -128,7 +149,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="Tollgate", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(
+        title="Tollgate",
+        version="0.1.0",
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_docs(app)
     _install_error_handlers(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_account.router)
@@ -153,7 +181,15 @@ def create_app() -> FastAPI:
         "/healthz",
         response_model=Health,
         tags=["ops"],
-        responses={503: {"model": Health, "description": "the database is unreachable"}},
+        responses={
+            200: ok(Health, "the database answers", {"status": "ok"}),
+            503: ok(
+                Health,
+                "the database is unreachable",
+                {"status": "unavailable", "detail": "database unreachable"},
+            ),
+            **responses(),
+        },
     )
     def healthz(engine: EngineDep) -> Any:
         """200 when the database answers, else 503 (with Retry-After)."""
@@ -169,7 +205,20 @@ def create_app() -> FastAPI:
             )
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text format",
+                "content": {
+                    CONTENT_TYPE_LATEST: {"example": 'tollgate_up{component="database"} 1.0\n'}
+                },
+            },
+            **responses(),
+        },
+    )
     def metrics() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,5 +1,7 @@
 """A bound on every request body (JSON routes; /v1/images enforces its own, tighter one).
-Checked against Content-Length first, then counted while reading (chunked uploads)."""
+Checked against Content-Length first, then counted while reading, so a chunked body over
+the bound is a 413 like a sized one: the body is read here, up to the bound, before the
+route sees it."""
 
 from __future__ import annotations
 
@@ -15,10 +17,6 @@ BODY_BYTES_MAX: Final = 32 * 1024 * 1024
 EXEMPT_PATHS: Final = ("/v1/images",)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int = BODY_BYTES_MAX) -> None:
         self.app = app
@@ -32,20 +30,31 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send)
             return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
             if seen > self.max_bytes:
-                raise BodyTooLarge
-            return message
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except BodyTooLarge:
-            await self._refuse(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for a disconnect
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()

@@ -21,6 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from sqlalchemy import Connection, Engine, case, func, select
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing.db import run_transaction
@@ -206,6 +207,19 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = route_of(scope)
             self.requests.labels(scope["method"], route, str(code)).inc()
             self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+
+def route_of(scope: Scope) -> str:
+    """The route template that served a request: FastAPI's routes record themselves in the
+    scope; the others (/openapi.json, /docs, the docs assets) are matched here."""
+    found = scope.get("route")
+    if found is not None:
+        return str(getattr(found, "path", "unmatched"))
+    for candidate in getattr(scope.get("app"), "routes", ()):
+        match, _ = candidate.matches(scope)
+        if match == Match.FULL:
+            return str(getattr(candidate, "path", "unmatched"))
+    return "unmatched"

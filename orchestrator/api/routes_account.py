@@ -11,19 +11,42 @@ from billing import ledger
 from billing.db import run_transaction
 from billing.tables import entries, grants, holds
 from orchestrator.api.deps import AccountId, EngineDep
-from orchestrator.api.schemas import BalanceOut, ErrorOut, LedgerPage
+from orchestrator.api.docs import ok, responses
+from orchestrator.api.schemas import BalanceOut, LedgerPage
 from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 
 router = APIRouter(prefix="/v1", tags=["account"], responses=UNAVAILABLE_RESPONSES)
 
 LEDGER_LIMIT_MAX: Final = 200
-ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    401: {"model": ErrorOut, "description": "missing or bad API key"},
-    422: {"model": ErrorOut, "description": "bad input; `field` names it"},
+ENTRY_ID_MAX: Final = 2**63 - 1  # a bigint
+BALANCE_EXAMPLE: Final = {
+    "image": {"balance": 100, "held": 4, "available": 96},
+    "tune": {"balance": 1, "held": 0, "available": 1},
+    "tune_image": {"balance": 64, "held": 0, "available": 64},
+}
+LEDGER_EXAMPLE: Final = {
+    "entries": [
+        {
+            "id": 42,
+            "kind": "image",
+            "type": "hold",
+            "delta_balance": 0,
+            "delta_held": 4,
+            "created_at": "2026-01-01T12:00:00+00:00",
+        }
+    ],
+    "next_before": None,
 }
 
 
-@router.get("/balance", response_model=dict[str, BalanceOut], responses=ERRORS)
+@router.get(
+    "/balance",
+    response_model=dict[str, BalanceOut],
+    responses={
+        200: ok(dict[str, BalanceOut], "credits per kind", BALANCE_EXAMPLE),
+        **responses(401),
+    },
+)
 def balance(account_id: AccountId, engine: EngineDep) -> dict[str, dict[str, int]]:
     """Credits per kind: balance = held + available (expired grants not counted)."""
     found = run_transaction(engine, lambda conn: ledger.get_balances(conn, account_id))
@@ -71,12 +94,18 @@ def ledger_page(
     return {"entries": page, "next_before": page[-1]["id"] if len(rows) > limit else None}
 
 
-@router.get("/ledger", response_model=LedgerPage, responses=ERRORS)
+@router.get(
+    "/ledger",
+    response_model=LedgerPage,
+    responses={200: ok(LedgerPage, "one page, newest first", LEDGER_EXAMPLE), **responses(401)},
+)
 def ledger_entries(
     account_id: AccountId,
     engine: EngineDep,
     limit: Annotated[int, Query(ge=1, le=LEDGER_LIMIT_MAX)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="an entry id: older ones")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=ENTRY_ID_MAX, description="an entry id: older ones")
+    ] = None,
 ) -> dict[str, Any]:
     """Your ledger entries, newest first: grants (purchases, plan credits, ...), voids and
     expiries with their grant's reference; holds, commits and releases with their job id."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Depends, Response, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
@@ -14,6 +14,7 @@ from billing.db import run_transaction
 from billing.tables import grants
 from orchestrator import accounts
 from orchestrator.api.deps import Admin, EngineDep
+from orchestrator.api.docs import account_id_param, ok, responses
 from orchestrator.api.routes_billing import set_from_body
 from orchestrator.api.schemas import (
     AccountIn,
@@ -38,10 +39,15 @@ router = APIRouter(
     prefix="/v1", tags=["admin"], dependencies=[Admin], responses=UNAVAILABLE_RESPONSES
 )
 
-ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    401: {"model": ErrorOut, "description": "missing or bad admin token"},
-    403: {"model": ErrorOut, "description": "admin routes disabled (no TOLLGATE_ADMIN_TOKEN)"},
-    422: {"model": ErrorOut, "description": "bad input; `field` names it"},
+ERRORS: Final = responses(401, 403, e401="missing or bad admin token")
+AccountIdPath = Annotated[str, Depends(account_id_param)]
+GRANT_EXAMPLE: Final = {
+    "id": 7,
+    "account_id": "acc_0123456789abcdef01234567",
+    "kind": "image",
+    "amount": 100,
+    "reference": "order-1234",
+    "created": True,
 }
 
 
@@ -49,7 +55,14 @@ ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     "/accounts",
     response_model=AccountOut,
     status_code=status.HTTP_201_CREATED,
-    responses=ERRORS,
+    responses={
+        201: ok(
+            AccountOut,
+            "created",
+            {"id": "acc_0123456789abcdef01234567", "api_key": "tg_Xq3v...shown-once"},
+        ),
+        **ERRORS,
+    },
 )
 def create_account(body: AccountIn, engine: EngineDep) -> dict[str, str]:
     """Create an account and its API key (shown once)."""
@@ -62,14 +75,21 @@ def create_account(body: AccountIn, engine: EngineDep) -> dict[str, str]:
     response_model=GrantOut,
     status_code=status.HTTP_201_CREATED,
     responses={
+        201: ok(GrantOut, "granted", GRANT_EXAMPLE),
+        200: ok(
+            GrantOut, "this reference was already granted", {**GRANT_EXAMPLE, "created": False}
+        ),
         **ERRORS,
-        200: {"model": GrantOut, "description": "this reference was already granted"},
-        404: {"model": ErrorOut, "description": "unknown account"},
-        409: {"model": ErrorOut, "description": "reference already used for another grant"},
+        **responses(
+            404,
+            409,
+            e404="unknown account",
+            e409="reference already used for another grant",
+        ),
     },
 )
 def grant_credits(
-    account_id: str, body: GrantIn, engine: EngineDep, response: Response
+    account_id: AccountIdPath, body: GrantIn, engine: EngineDep, response: Response
 ) -> dict[str, Any]:
     """Add credits. Idempotent on `reference` (201 the first time, 200 after)."""
 
@@ -139,8 +159,21 @@ class PlanIn(BaseModel):
     plan: Literal["free", "standard", "business"]
 
 
-@router.post("/accounts/{account_id}/plan", responses={**ERRORS, 404: {"model": ErrorOut}})
-def change_plan(account_id: str, body: PlanIn, engine: EngineDep) -> dict[str, str]:
+class PlanOut(BaseModel):
+    id: str
+    plan: str
+
+
+@router.post(
+    "/accounts/{account_id}/plan",
+    response_model=PlanOut,
+    responses={
+        200: ok(PlanOut, "changed", {"id": GRANT_EXAMPLE["account_id"], "plan": "standard"}),
+        **ERRORS,
+        **responses(404, e404="unknown account"),
+    },
+)
+def change_plan(account_id: AccountIdPath, body: PlanIn, engine: EngineDep) -> dict[str, str]:
     """Change an account's plan; recomputes its tunes' expiry (a lapse starts the clock)."""
     retention.set_plan(engine, account_id, body.plan)
     return {"id": account_id, "plan": body.plan}

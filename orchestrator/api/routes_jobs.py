@@ -4,20 +4,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+from fastapi import (
+    APIRouter,
+    Body,
+    Depends,
+    Header,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+    status,
+)
 from sqlalchemy import Connection, select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.types import Message
 
 import billing
 from billing.db import run_transaction
 from orchestrator.api import output_urls
 from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
+from orchestrator.api.docs import job_id_param, ok, responses, spec_examples
+from orchestrator.api.examples import JOB_EXAMPLE
 from orchestrator.api.schemas import (
+    WORD_MAX_CHARS,
     ErrorOut,
     ImageOut,
-    InsufficientOut,
     JobList,
     JobOut,
     JobRequest,
@@ -31,25 +45,39 @@ from orchestrator.jobs.images import IMAGE_BYTES_MAX, InvalidImage, store_image
 from orchestrator.scheduling.queues import queue_info
 from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage
-from orchestrator.tables import images
+from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN, images
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=UNAVAILABLE_RESPONSES)
 
 # Room for multipart boundaries and part headers around an image of IMAGE_BYTES_MAX.
 MULTIPART_OVERHEAD_MAX: Final = 64 * 1024
 IMAGE_CONTENT_TYPES: Final = ("image/png", "image/jpeg", "image/webp")
-ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    401: {"model": ErrorOut, "description": "missing or bad API key"},
-    422: {"model": ErrorOut, "description": "bad input; `field` names it"},
+OUTPUTS_MAX: Final = 64  # a tune's render
+JobIdPath = Annotated[str, Depends(job_id_param)]
+QUOTE_EXAMPLE: Final = {
+    "credits": 4,
+    "credit_kind": "image",
+    "breakdown": {"row": "512x512", "step_band": "<=50", "per_image": 1, "num_images": 4},
 }
-JOB_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    **ERRORS,
-    404: {"model": ErrorOut, "description": "no such job (or not yours)"},
+IMAGE_EXAMPLE: Final = {
+    "image_id": "img_0123456789abcdef01234567",
+    "width": 640,
+    "height": 480,
+    "format": "PNG",
+    "bytes": 123456,
 }
+JOB_OK: Final = ok(JobOut, "the job", JOB_EXAMPLE)
 
 
-@router.post("/quote", response_model=QuoteOut, responses=ERRORS)
-def quote(spec: JobSpec, _account: AccountId) -> dict[str, Any]:
+@router.post(
+    "/quote",
+    response_model=QuoteOut,
+    responses={200: ok(QuoteOut, "the price", QUOTE_EXAMPLE), **responses(401)},
+)
+def quote(
+    spec: Annotated[JobSpec, Body(openapi_examples=spec_examples(wrapped=False))],
+    _account: AccountId,
+) -> dict[str, Any]:
     """Price a job spec. Places no hold."""
     return billing.quote(spec.as_spec()).as_dict()
 
@@ -59,20 +87,30 @@ def quote(spec: JobSpec, _account: AccountId) -> dict[str, Any]:
     response_model=JobOut,
     status_code=status.HTTP_202_ACCEPTED,
     responses={
-        **ERRORS,
-        200: {"model": JobOut, "description": "an Idempotency-Key replay: the same job"},
-        402: {"model": InsufficientOut, "description": "not enough credits"},
-        409: {"model": ErrorOut, "description": "Idempotency-Key reused with another body"},
+        202: ok(JobOut, "accepted and queued: the credits are held", JOB_EXAMPLE),
+        200: ok(JobOut, "an Idempotency-Key replay: the same job", JOB_EXAMPLE),
+        **responses(
+            401,
+            402,
+            404,
+            409,
+            410,
+            e404="a tune_prompt job's tune is unknown (or not yours)",
+            e409="Idempotency-Key reused with another body, or the tune is not trained",
+            e410="a tune_prompt job's tune was deleted by retention",
+        ),
     },
 )
 def submit_job(
-    body: Annotated[JobRequest | JobSpec, Body()],
+    body: Annotated[JobRequest | JobSpec, Body(openapi_examples=spec_examples(wrapped=True))],
     account_id: AccountId,
     engine: EngineDep,
     storage: StorageDep,
     publish: PublisherDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[
+        str | None, Header(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_LEN)
+    ] = None,
 ) -> dict[str, Any]:
     """Submit a job: `{"spec": {...}, "callback_url": ...}`, or a bare spec. It is priced,
     the credits are held, and it is queued. With `Idempotency-Key`, retrying the same body
@@ -97,13 +135,20 @@ def submit_job(
     return submitted.job
 
 
-@router.get("/jobs", response_model=JobList, responses=ERRORS)
+@router.get(
+    "/jobs",
+    response_model=JobList,
+    responses={200: ok(JobList, "your jobs", {"jobs": [JOB_EXAMPLE]}), **responses(401)},
+)
 def list_jobs(
     request: Request,
     account_id: AccountId,
     engine: EngineDep,
     storage: StorageDep,
-    job_status: Annotated[str | None, Query(alias="status")] = None,
+    job_status: Annotated[
+        str | None,
+        Query(alias="status", max_length=WORD_MAX_CHARS, description=", ".join(states.STATUSES)),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=jobs.LIST_LIMIT_MAX)] = 20,
 ) -> dict[str, Any]:
     """Your jobs, newest first (outputs with expiring URLs, as in GET /v1/jobs/{id})."""
@@ -111,10 +156,14 @@ def list_jobs(
     return {"jobs": jobs.list_jobs(engine, account_id, status=job_status, limit=limit, sign=sign)}
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_ERRORS)
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    responses={200: JOB_OK, **responses(401, 404)},
+)
 def get_job(
     request: Request,
-    job_id: str,
+    job_id: JobIdPath,
     account_id: AccountId,
     engine: EngineDep,
     storage: StorageDep,
@@ -136,13 +185,13 @@ def get_job(
     "/jobs/{job_id}/cancel",
     response_model=JobOut,
     responses={
-        **JOB_ERRORS,
-        202: {"model": JobOut, "description": "running: cancel requested"},
-        409: {"model": ErrorOut, "description": "the job already ended"},
+        200: ok(JobOut, "canceled and refunded", {**JOB_EXAMPLE, "status": "canceled"}),
+        202: ok(JobOut, "running: cancel requested", {**JOB_EXAMPLE, "status": "running"}),
+        **responses(401, 404, 409, e409="the job already ended"),
     },
 )
 def cancel_job(
-    job_id: str,
+    job_id: JobIdPath,
     account_id: AccountId,
     engine: EngineDep,
     publish: PublisherDep,
@@ -161,13 +210,17 @@ def cancel_job(
     "/jobs/{job_id}/outputs/{index}",
     response_class=Response,
     responses={
-        **JOB_ERRORS,
         200: {"content": {"image/png": {}}, "description": "the PNG"},
+        **responses(401, 404),
         410: {"model": ErrorOut, "description": "deleted by output retention"},
     },
 )
 def get_output(
-    job_id: str, index: int, account_id: AccountId, engine: EngineDep, storage: StorageDep
+    job_id: JobIdPath,
+    index: Annotated[int, Path(ge=0, lt=OUTPUTS_MAX)],
+    account_id: AccountId,
+    engine: EngineDep,
+    storage: StorageDep,
 ) -> Response:
     """The PNG bytes of delivered output `index`."""
     row = run_transaction(engine, lambda conn: jobs.get_row(conn, account_id, job_id))
@@ -236,7 +289,9 @@ def _bounded(request: Request, limit: int) -> Request:
             raise TooLarge
         return message
 
-    return Request(request.scope, receive)
+    # Without "app" in its scope, Starlette raises MultiPartException for a broken body
+    # (rather than an HTTP 400), which _read_upload answers as a 422 naming `file`.
+    return Request({k: v for k, v in request.scope.items() if k != "app"}, receive)
 
 
 async def _read_upload(request: Request) -> bytes:
@@ -256,6 +311,13 @@ async def _read_upload(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     bounded = _bounded(request, limit)
+    try:
+        return await _read_bounded(bounded, multipart, too_large)
+    except MultiPartException as exc:  # a broken body: bad input, not a bad request line
+        raise InvalidImage("file", f"bad multipart body: {exc.message}") from None
+
+
+async def _read_bounded(bounded: Request, multipart: bool, too_large: HTTPException) -> bytes:
     try:
         if not multipart:
             data = await bounded.body()
@@ -277,9 +339,14 @@ async def _read_upload(request: Request) -> bytes:
     response_model=ImageOut,
     status_code=status.HTTP_201_CREATED,
     responses={
-        **ERRORS,
-        413: {"model": ErrorOut, "description": f"over {IMAGE_BYTES_MAX} bytes"},
-        415: {"model": ErrorOut, "description": "neither multipart nor an image type"},
+        201: ok(ImageOut, "stored", IMAGE_EXAMPLE),
+        **responses(
+            401,
+            415,
+            e413=f"over {IMAGE_BYTES_MAX} bytes",
+            e415="neither multipart nor an image type",
+            e422="not a PNG, JPEG or WebP image, too large a side, or bad multipart",
+        ),
     },
     openapi_extra={
         "requestBody": {

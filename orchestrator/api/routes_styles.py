@@ -11,7 +11,7 @@ from fastapi import APIRouter, FastAPI, Query
 from pydantic import BaseModel, Field
 
 from orchestrator.api.deps import AccountId
-from orchestrator.api.schemas import ErrorOut
+from orchestrator.api.docs import ok, responses
 from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.jobs.styles import get_catalogue
 
@@ -26,9 +26,7 @@ router = APIRouter(
     prefix="/v1", tags=["styles"], lifespan=validate_catalogue, responses=UNAVAILABLE_RESPONSES
 )
 
-ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    401: {"model": ErrorOut, "description": "missing or bad API key"},
-}
+ERRORS: Final = responses(401)
 
 
 class StyleOut(BaseModel):
@@ -46,10 +44,32 @@ class StyleList(BaseModel):
     default: list[str] = Field(description="the styles a tune renders when it names none")
 
 
-@router.get("/styles", response_model=StyleList, responses=ERRORS)
+STYLES_EXAMPLE: Final = {
+    "styles": [
+        {
+            "id": "studio-portrait",
+            "name": "Studio portrait",
+            "template": "a studio portrait photo of {subject}, soft light",
+            "negative_prompt": "blurry",
+            "steps": 30,
+            "guidance": 7.0,
+            "tags": ["portrait"],
+        }
+    ],
+    "default": ["studio-portrait"],
+}
+
+
+@router.get(
+    "/styles",
+    response_model=StyleList,
+    responses={200: ok(StyleList, "the catalogue", STYLES_EXAMPLE), **ERRORS},
+)
 def list_styles(
     _account: AccountId,
-    tag: Annotated[str | None, Query(description="only styles with this tag")] = None,
+    tag: Annotated[
+        str | None, Query(max_length=100, description="only styles with this tag")
+    ] = None,
 ) -> dict[str, Any]:
     """The style catalogue a tune picks its 8 render styles from (file order)."""
     catalogue = get_catalogue()

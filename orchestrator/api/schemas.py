@@ -4,25 +4,40 @@ does the validating that matters, so job specs pass through unchanged)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
-TXT2IMG_EXAMPLE: dict[str, Any] = {
-    "type": "txt2img",
-    "prompt": "a lighthouse at dawn, oil painting",
-    "width": 512,
-    "height": 512,
-    "steps": 30,
-    "num_images": 1,
-}
+from orchestrator.api.examples import SPEC_EXAMPLES
+
+# PostgreSQL text refuses NUL: every string the API takes excludes it, and has a length bound.
+NO_NUL_PATTERN: Final = r"^[^\x00]*$"
+NAME_MAX_CHARS: Final = 200
+WORD_MAX_CHARS: Final = 32
+REFERENCE_MAX_CHARS: Final = 200  # billing.tables.REFERENCE_MAX_LEN
+CALLBACK_URL_MAX_CHARS: Final = 2000  # orchestrator.specs.CALLBACK_URL_MAX_CHARS
+GRANT_AMOUNT_MAX: Final = 10_000_000  # billing.ledger.GRANT_AMOUNT_MAX
+
+
+def _text(max_chars: int, min_chars: int = 0) -> StringConstraints:
+    return StringConstraints(min_length=min_chars, max_length=max_chars, pattern=NO_NUL_PATTERN)
+
+
+Name = Annotated[str, _text(NAME_MAX_CHARS, 1)]
+Word = Annotated[str, _text(WORD_MAX_CHARS)]
+Reference = Annotated[str, _text(REFERENCE_MAX_CHARS, 1)]
+CallbackUrl = Annotated[str, _text(CALLBACK_URL_MAX_CHARS)]
+Prompt = Annotated[str, _text(2000)]  # orchestrator.specs.PROMPT_MAX_CHARS
 
 
 class JobSpec(BaseModel):
-    """A job spec. Fields depend on `type`; unknown fields are passed to the service, which
-    rejects what it cannot price with a 422 naming the field."""
+    """A job spec. Fields depend on `type`; a field the type does not take is refused with
+    a 422 naming it (as is every bad value). Tune fields: name, subject, image_ids or
+    images_b64 (4..20), base_model, styles, training {steps, rank, learning_rate}."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [TXT2IMG_EXAMPLE]})
+    model_config = ConfigDict(
+        extra="allow", json_schema_extra={"examples": list(SPEC_EXAMPLES.values())}
+    )
 
     type: Any = Field(description="txt2img, upscale, face_enhance, remove_background or tune")
     prompt: Any = Field(None, description="txt2img: the prompt (required)")
@@ -36,6 +51,8 @@ class JobSpec(BaseModel):
     scale: Any = Field(None, description="upscale: 2 or 4 (default 4)")
     image_id: Any = Field(None, description="image jobs: an id from POST /v1/images")
     image_b64: Any = Field(None, description="image jobs: the image inline, base64")
+    model: Any = Field(None, description="txt2img and image jobs: a model id (default per type)")
+    alpha_matting: Any = Field(None, description="remove_background: true or false")
 
     def as_spec(self) -> dict[str, Any]:
         """The spec exactly as sent (no defaults filled in, no coercion)."""
@@ -48,12 +65,15 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"spec": TXT2IMG_EXAMPLE, "callback_url": "https://example.com/hook"}]
+            "examples": [
+                {"spec": spec, "callback_url": "https://example.com/hook"}
+                for spec in SPEC_EXAMPLES.values()
+            ]
         },
     )
 
     spec: dict[str, Any]
-    callback_url: str | None = Field(
+    callback_url: CallbackUrl | None = Field(
         None,
         description="receives the job's events as Standard Webhooks (webhook-id, "
         "webhook-timestamp, webhook-signature headers; TOLLGATE_CALLBACK_SECRET)",
@@ -209,8 +229,10 @@ class LedgerPage(BaseModel):
 
 
 class AccountIn(BaseModel):
-    name: str
-    plan: str = Field("free", description="free, standard or business")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "acme", "plan": "free"}]})
+
+    name: Name
+    plan: Word = Field("free", description="free, standard or business")
 
 
 class AccountOut(BaseModel):
@@ -219,10 +241,18 @@ class AccountOut(BaseModel):
 
 
 class GrantIn(BaseModel):
-    kind: str = Field(description="image, tune or tune_image")
-    amount: StrictInt
-    source: str = Field("purchase", description="purchase, plan, promo or adjustment")
-    reference: str = Field(description="idempotency reference: the same grant again adds nothing")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"kind": "image", "amount": 100, "reference": "order-1234"}]
+        }
+    )
+
+    kind: Word = Field(description="image, tune or tune_image")
+    amount: StrictInt = Field(ge=1, le=GRANT_AMOUNT_MAX)
+    source: Word = Field("purchase", description="purchase, plan, promo or adjustment")
+    reference: Reference = Field(
+        description="idempotency reference: the same grant again adds nothing"
+    )
     expires_at: datetime | None = Field(None, description="ISO 8601 with a time zone")
 
 
@@ -283,4 +313,6 @@ class InsufficientOut(BaseModel):
 
 
 class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a 503 adds `detail`
+
     status: str

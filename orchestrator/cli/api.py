@@ -16,5 +16,11 @@ def api(host: str, port: int) -> None:
     from orchestrator.faults import set_process
 
     set_process("api")
+    from orchestrator.settings import UnsafeSettings, check_startup
 
+    try:
+        for warning in check_startup("api"):
+            click.echo(f"warning: {warning}", err=True)
+    except UnsafeSettings as exc:
+        raise click.ClickException(str(exc)) from None
     uvicorn.run(create_app(), host=host, port=port, log_level="info")

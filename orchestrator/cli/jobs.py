@@ -143,6 +143,10 @@ def _submit_via_redis(
         fail("--via redis needs TOLLGATE_REDIS_URL", EXIT_BAD_INPUT)
     if not isinstance(spec, dict):
         fail("job json must be a JSON object", EXIT_BAD_INPUT)
+    try:  # what pricing refuses (an unknown field too) fails here, not in the dead letter
+        billing.quote(spec)
+    except billing.InvalidJobSpec as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
     client = TollgateClient(url)
     sub = client.submit(account_id, spec, idempotency_key, *hook)
     if not wait_:
@@ -328,7 +332,12 @@ def intake(
     """Run a consumer of the tollgate:jobs stream until SIGTERM/SIGINT."""
     from orchestrator.ingress.intake import consumer_from_settings, install_signal_handlers
     from orchestrator.ingress.streams import IntakeConfig
+    from orchestrator.settings import UnsafeSettings, check_startup
 
+    try:
+        check_startup("intake")
+    except UnsafeSettings as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = IntakeConfig(
         batch_size=batch_size,

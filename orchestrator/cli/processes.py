@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from orchestrator.cli.output import fail
-from orchestrator.standalone import Standalone
+from orchestrator.standalone import Standalone, Stop, stop_on_sigterm
 
 
 @click.command()
@@ -16,14 +16,16 @@ from orchestrator.standalone import Standalone
 @click.option("--var-dir", default="var", show_default=True, type=click.Path(path_type=Path))
 @click.option("--concurrency", default=1, show_default=True, help="Worker processes.")
 def standalone(port: int, var_dir: Path, concurrency: int) -> None:
-    """Run API, intake, a worker, beat (and an embedded Redis if none is configured)."""
+    """Run API, intake, a worker, beat, Flower (and an embedded Redis if none is
+    configured). Ctrl-C or SIGTERM stops everything."""
     stack = Standalone(api_port=port, var_dir=var_dir, worker_concurrency=concurrency)
+    stop_on_sigterm()
     try:
         stack.start()
-        click.echo(f"tollgate standalone: API at {stack.api_url}; Ctrl-C stops everything")
+        click.echo(f"tollgate standalone: {stack.banner()}\nCtrl-C stops everything")
         stack.wait_forever()
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, Stop):
+        click.echo("stopping ...")
     except RuntimeError as exc:
         fail(str(exc))
     finally:

@@ -34,7 +34,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, insert, select, update
@@ -108,6 +108,10 @@ class Attempt:
     # True when taking the job queued a `start` webhook in the outbox: `execute` then calls
     # its `on_started` (the worker relays at once instead of at the end).
     start_webhook: bool = False
+    # For the worker's latency histograms: when the job was submitted, and how long it
+    # queued before this attempt (None unless this is the job's first start).
+    created_at: datetime | None = None
+    queue_wait_s: float | None = None
 
 
 @dataclass
@@ -288,7 +292,8 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
             worker=worker[:200],
             worker_pid=os.getpid(),
             lease_expires_at=leases.lease_expiry(now),
-            started_at=now,
+            # When the job first began (a tune's training), not this attempt or phase.
+            started_at=row.started_at or now,
             outputs=[],
             progress_step=0,
         )
@@ -298,6 +303,7 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
         start_webhook = webhook_event(row.status, started.status) == "start" and webhooks.wants(
             started, "start"
         )
+        waited = None if row.started_at else _seconds_between(row.created_at, now)
         return Attempt(
             job_id,
             row.attempt + 1,
@@ -306,6 +312,8 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
             row.account_id,
             input_key,
             start_webhook=start_webhook,
+            created_at=row.created_at,
+            queue_wait_s=waited,
         )
 
     return run_transaction(
@@ -462,7 +470,7 @@ def _run(
             status = finish_(states.FAILED, "superseded by a newer attempt")
         else:
             status = finish_(states.CANCELED, "canceled by the client")
-        return {"job_id": job_id, "status": status}
+        return _result(attempt, status)
     except Exception as exc:
         if is_transient(exc):
             # The runner's own database call hit an outage: not the job's failure. The job
@@ -471,9 +479,25 @@ def _run(
             raise
         log.exception("job %s failed", job_id)
         status = finish_(states.FAILED, _reason(exc))
-        return {"job_id": job_id, "status": status}
+        return _result(attempt, status)
     status = finish_(states.SUCCEEDED, None)
-    return {"job_id": job_id, "status": status}
+    return _result(attempt, status)
+
+
+def _result(attempt: Attempt, status: str) -> dict[str, Any]:
+    """The task's return value; the timings feed workers.metrics' latency histograms."""
+    result: dict[str, Any] = {"job_id": attempt.job_id, "status": status}
+    result["job_type"] = attempt.spec.get("type")
+    result["queue_wait_s"] = attempt.queue_wait_s
+    if states.is_terminal(status) and attempt.created_at is not None:
+        result["latency_s"] = _seconds_between(attempt.created_at, utcnow())
+    return result
+
+
+def _seconds_between(then: datetime, now: datetime) -> float:
+    if then.tzinfo is None:  # SQLite hands back naive UTC
+        then = then.replace(tzinfo=UTC)
+    return max(0.0, (now - then).total_seconds())
 
 
 def _reason(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Final
 from billing import InvalidJobSpec, Quote, quote
 
 PROMPT_MAX_CHARS: Final = 2000
+MODEL_ID_MAX_CHARS: Final = 100
 SEED_MAX: Final = 2**32 - 1
 GUIDANCE_MAX: Final = 30.0
 CALLBACK_URL_MAX_CHARS: Final = 2000
@@ -96,6 +97,9 @@ def validate(spec: Any) -> tuple[dict[str, Any], Quote]:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX - 8:
             raise InvalidJobSpec("seed", f"must be an integer in 0..{SEED_MAX - 8}")
         out["seed"] = seed
+    _opt_str(spec, "model", MODEL_ID_MAX_CHARS)  # a registry id (workers: default per family)
+    if not isinstance(spec.get("alpha_matting", False), bool):
+        raise InvalidJobSpec("alpha_matting", "must be true or false")
     if job_type in IMAGE_INPUT_TYPES:
         has_id, has_b64 = spec.get("image_id") is not None, spec.get("image_b64") is not None
         if has_id == has_b64:
@@ -136,9 +140,7 @@ def _tune_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
     training = spec.get("training") or {}
     if not isinstance(training, Mapping):
         raise InvalidJobSpec("training", "must be an object")
-    unknown = set(training) - set(TUNE_TRAINING_BOUNDS)
-    if unknown:
-        raise InvalidJobSpec(f"training.{sorted(unknown)[0]}", "is not a training option")
+    # Unknown training options are refused by billing.check_fields (via quote) already.
     knobs: dict[str, Any] = {}
     for name, (default, lo, hi) in TUNE_TRAINING_BOUNDS.items():
         value = training.get(name, default)

@@ -1,11 +1,13 @@
 """Publishing outbox messages: Celery tasks for dispatch and callbacks, Redis stream entries
-for events. The task id is the job id; the task's only argument is the job id, so Flower and
-broker dumps never show prompts, images or keys."""
+for events. The task's only argument is the job id, so Flower and broker dumps never show
+prompts, images or keys. The task id is the job id, or for a tune's phases the job id and
+the phase (`task_id_for`): both stay visible in Flower, and a re-publish of the same phase
+reuses its id (every consumer is idempotent on the job id and the job's status anyway)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 import redis
 from celery import Celery
@@ -14,6 +16,17 @@ from orchestrator.events import append_event
 from orchestrator.faults import retry_redis
 from orchestrator.jobs.families import CALLBACK_QUEUE, CALLBACK_TASK, family_for
 from orchestrator.settings import get_settings
+
+# Job type of a dispatch -> the phase suffix of its task id.
+PHASE_SUFFIXES: Final = {"tune": "train", "tune_render": "render"}
+
+
+def task_id_for(job_id: str, job_type: str, render: int = 1) -> str:
+    """`job_x` for a plain job; `job_x:train`, `job_x:render:1` for a tune's phases."""
+    suffix = PHASE_SUFFIXES.get(job_type)
+    if suffix is None:
+        return job_id
+    return f"{job_id}:{suffix}:{render}" if suffix == "render" else f"{job_id}:{suffix}"
 
 
 @lru_cache(maxsize=4)
@@ -54,7 +67,7 @@ class Publisher:
             self.celery.send_task(
                 family.task_name,
                 args=[payload["job_id"]],
-                task_id=payload["job_id"],
+                task_id=task_id_for(payload["job_id"], payload["type"]),
                 queue=family.queue,
                 soft_time_limit=family.soft_time_limit_s,
                 time_limit=family.time_limit_s,
