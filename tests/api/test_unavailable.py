@@ -19,6 +19,7 @@ from orchestrator.jobs import service as jobs
 from orchestrator.jobs import states
 from orchestrator.scheduling.dispatch import Publisher
 from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.scheduler import nudge
 from tests.api_helpers import env_overridden, make_account, submit
 from tests.lifecycle_helpers import row
 from tests.support.tcp_proxy import TcpProxy
@@ -109,20 +110,23 @@ def test_redis_outage_never_500s_and_the_republisher_catches_up(
     proxies: tuple[TcpProxy, TcpProxy],
     pg_engine: Engine,
     redis_url: str,
+    announced_slots: None,
 ) -> None:
     _, rd = proxies
     account, headers = user
     rd.cut()
     try:
         started = time.monotonic()
-        res = submit(http, headers)  # the job is recorded; its dispatch waits in the outbox
+        res = submit(http, headers)  # the job is recorded and waits in the scheduler's line
         assert res.status_code == 202, res.text
         assert time.monotonic() - started < 10
     finally:
         rd.restore()
     job_id = res.json()["id"]
     assert row(pg_engine, job_id).status == states.QUEUED
-    relay(pg_engine, Publisher(redis_url), job_id=job_id)  # what beat's re-publisher does
+    # What beat's periodic dispatcher and re-publisher do once Redis is back.
+    nudge(pg_engine, Publisher(redis_url), job_id)
+    relay(pg_engine, Publisher(redis_url), job_id=job_id)
     assert row(pg_engine, job_id).status == states.DISPATCHED
     jobs.cancel(pg_engine, account, job_id)
 
