@@ -99,7 +99,9 @@ class Settings(BaseSettings):
     @classmethod
     def _whsec(cls, value: str) -> str:
         if value and not is_webhook_secret(value):
-            raise ValueError("must be `whsec_` + base64 of 24..64 bytes (or empty)")
+            raise ValueError(
+                "TOLLGATE_CALLBACK_SECRET must be `whsec_` + base64 of 24..64 bytes (or empty)"
+            )
         return value
 
 

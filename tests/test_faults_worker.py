@@ -74,10 +74,9 @@ def account(pg_engine: Engine) -> str:
 def txt2img(test: str, num_images: int = 2) -> dict[str, Any]:
     return {
         "type": "txt2img",
-        "prompt": "a lighthouse",
+        "prompt": f"test:{test}",
         "steps": 20,
         "num_images": num_images,
-        "test": test,
     }
 
 

@@ -30,8 +30,8 @@ from orchestrator.jobs import service as jobs
 from orchestrator.scheduling.dispatch import Publisher
 from orchestrator.settlement import lease_sweep
 from orchestrator.storage import Storage
+from orchestrator.tables import dispatch_queue
 from orchestrator.tables import jobs as jobs_table
-from orchestrator.tables import outbox as outbox_table
 from tests.ledger_helpers import grant, new_account
 from tests.lifecycle_helpers import available, results, row, submit, wait_terminal, wait_until
 from tests.support.behaviours import GATE_KEY, tiny_png
@@ -51,12 +51,11 @@ RECOVERY_BOUND_S = TTL_S + SWEEP_S + 6.0
 def txt2img(test: str, num_images: int = 1) -> dict[str, Any]:
     return {
         "type": "txt2img",
-        "prompt": "a lighthouse",
+        "prompt": f"test:{test}",
         "width": 512,
         "height": 512,
         "steps": 20,
         "num_images": num_images,
-        "test": test,
     }
 
 
@@ -204,7 +203,7 @@ def test_a_tune_is_dispatched_again_in_the_phase_it_lost(
     lease_sweep.sweep(pg_engine)
     lost = row(pg_engine, tune_id)  # training goes back to the queue, holds untouched
     assert (lost.status, lost.lease_token, lost.attempt) == ("queued", None, 1)
-    assert last_dispatch(pg_engine, tune_id) == {"job_id": tune_id, "type": "tune"}
+    assert line_entry(pg_engine, tune_id) == ("queued", "tune")  # back in line
     training = execution.begin(pg_engine, tune_id, "worker-b", tunes.TRAINING_PHASE)
     assert training is not None and training.number == 2
     execution.finish(pg_engine, training, "succeeded", phase=tunes.TRAINING_PHASE)
@@ -216,7 +215,7 @@ def test_a_tune_is_dispatched_again_in_the_phase_it_lost(
     lease_sweep.sweep(pg_engine)
     lost = row(pg_engine, tune_id)  # the render stays rendering, without a lease
     assert (lost.status, lost.lease_token) == ("rendering", None)
-    assert last_dispatch(pg_engine, tune_id) == {"job_id": tune_id, "type": "tune_render"}
+    assert line_entry(pg_engine, tune_id) == ("queued", "tune_render")
     render = execution.begin(pg_engine, tune_id, "worker-c", tunes.RENDER_PHASE)
     assert render is not None and render.number == 2
     execution.finish(pg_engine, render, "failed", "test over", phase=tunes.RENDER_PHASE)
@@ -239,15 +238,17 @@ def test_a_tune_is_dispatched_again_in_the_phase_it_lost(
     assert run_transaction(pg_engine, verify) == []
 
 
-def last_dispatch(engine: Engine, job_id: str) -> Any:
-    return run_transaction(
+def line_entry(engine: Engine, job_id: str) -> Any:
+    """The job's place in the scheduler's line: (state, the family task that runs it)."""
+    found = run_transaction(
         engine,
         lambda c: c.execute(
-            select(outbox_table.c.payload)
-            .where(outbox_table.c.job_id == job_id, outbox_table.c.topic == "dispatch")
-            .order_by(outbox_table.c.id.desc())
+            select(dispatch_queue.c.state, dispatch_queue.c.task).where(
+                dispatch_queue.c.job_id == job_id
+            )
         ).first(),
-    )[0]
+    )
+    return tuple(found) if found is not None else None
 
 
 def test_lease_counters_count_what_the_sweep_did() -> None:

@@ -38,11 +38,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def spec(test: str = "sleep:0.3") -> dict[str, Any]:
     return {
         "type": "txt2img",
-        "prompt": "p",
+        "prompt": f"test:{test}",
         "width": 512,
         "height": 512,
         "steps": 20,
-        "test": test,
     }
 
 

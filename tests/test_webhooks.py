@@ -15,7 +15,7 @@ from orchestrator.client import WebhookVerificationError, verify_webhook
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs.webhooks import CALLBACK_RETRIES_MAX, PROGRESS_WEBHOOK_INTERVAL_S
 from orchestrator.scheduling.dispatch import Publisher
-from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage
 from tests.conftest import TEST_WEBHOOK_SECRET
 from tests.ledger_helpers import grant, new_account
@@ -40,14 +40,14 @@ def account(pg_engine: Engine) -> str:
 
 
 def spec(test: str = "ok") -> dict[str, Any]:
-    return {"type": "txt2img", "prompt": "a lighthouse", "steps": 20, "test": test}
+    return {"type": "txt2img", "prompt": f"test:{test}", "steps": 20}
 
 
 def start(engine: Engine, storage: Storage, redis_url: str, account: str, **hook: Any) -> str:
     job_id = str(
         jobs.submit(engine, storage, account, spec(hook.pop("test", "ok")), **hook).job["id"]
     )
-    relay(engine, Publisher(redis_url), job_id=job_id)
+    nudge(engine, Publisher(redis_url), job_id)  # a slot is free: dispatched and published
     return job_id
 
 

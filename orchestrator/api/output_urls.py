@@ -28,7 +28,7 @@ def signature(secret: str, job_id: str, index: int, expires: int) -> str:
 def check(job_id: str, index: int, expires: int, sig: str, now_s: float | None = None) -> str:
     """'' when the signed URL is good, else why not ('expired', 'bad signature')."""
     expected = signature(get_settings().output_url_secret, job_id, index, expires)
-    if not hmac.compare_digest(expected, sig):
+    if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "replace")):
         return "bad signature"
     if (time.time() if now_s is None else now_s) >= expires:
         return "expired"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Annotated, Any, Final, Literal
 
-from fastapi import APIRouter, Depends, Response, status
+from fastapi import APIRouter, Depends, Path, Response, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
@@ -14,14 +14,13 @@ from billing.db import run_transaction
 from billing.tables import grants
 from orchestrator import accounts
 from orchestrator.api.deps import Admin, EngineDep
-from orchestrator.api.docs import account_id_param, ok, responses
+from orchestrator.api.docs import account_id_param, error, ok, responses
 from orchestrator.api.routes_billing import set_from_body
 from orchestrator.api.schemas import (
     AccountIn,
     AccountOut,
     AlertsIn,
     AlertsOut,
-    ErrorOut,
     GrantIn,
     GrantOut,
     VoidIn,
@@ -142,14 +141,45 @@ class LimitsOut(BaseModel):
 @router.post(
     "/accounts/{account_id}/limits",
     response_model=LimitsOut,
-    responses={**ERRORS, 404: {"model": ErrorOut, "description": "unknown account"}},
+    responses={
+        200: ok(
+            LimitsOut,
+            "the account's cap override",
+            {"account_id": "acc_0123", "plan": "free", "running_cap": 4},
+        ),
+        **ERRORS,
+        404: error(404, "unknown account"),
+    },
 )
-def set_limits(account_id: str, body: LimitsIn, engine: EngineDep) -> dict[str, Any]:
+def set_limits(account_id: AccountIdPath, body: LimitsIn, engine: EngineDep) -> dict[str, Any]:
     """Override the account's running cap (every queue); takes effect at the next dispatch."""
     return queues.set_running_cap(engine, account_id, body.running_cap)
 
 
-@router.get("/queue", responses=ERRORS)
+@router.get(
+    "/queue",
+    responses={
+        200: {
+            "description": "per queue: live slots, running, queued, top accounts",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "queues": [
+                            {
+                                "queue": "gpu.txt2img",
+                                "live_slots": 4,
+                                "running": 3,
+                                "queued": 12,
+                                "top_accounts": [{"account_id": "acc_0123", "queued": 9}],
+                            }
+                        ]
+                    }
+                }
+            },
+        },
+        **ERRORS,
+    },
+)
 def queue_overview(engine: EngineDep) -> dict[str, Any]:
     """Per queue: live slots and workers, running, queued, the top accounts by queued jobs."""
     return queues.overview(engine, get_publisher().redis)
@@ -183,12 +213,29 @@ def change_plan(account_id: AccountIdPath, body: PlanIn, engine: EngineDep) -> d
     "/accounts/{account_id}/grants/{reference}/void",
     response_model=VoidOut,
     responses={
+        200: ok(
+            VoidOut,
+            "what was voided now, what waits for holds, and the shortfall",
+            {
+                "reference": "stripe:cs_1:price_img_100",
+                "account_id": "acc_0123",
+                "kind": "image",
+                "requested": 50,
+                "voided": 40,
+                "shortfall": 10,
+                "total_voided": 40,
+                "total_shortfall": 10,
+            },
+        ),
         **ERRORS,
-        404: {"model": ErrorOut, "description": "unknown grant (for this account)"},
+        404: error(404, "unknown grant (for this account)"),
     },
 )
 def void_grant(
-    account_id: str, reference: str, engine: EngineDep, body: VoidIn | None = None
+    account_id: AccountIdPath,
+    reference: Annotated[str, Path(max_length=200)],
+    engine: EngineDep,
+    body: VoidIn | None = None,
 ) -> Any:
     """Void a grant's credits, all that is left (no body, or no `amount`) or `amount` of
     them. Only the free remainder goes now; held credits are voided when their hold gives
@@ -220,8 +267,18 @@ def void_grant(
 @router.put(
     "/accounts/{account_id}/alerts",
     response_model=AlertsOut,
-    responses={**ERRORS, 404: {"model": ErrorOut}},
+    responses={
+        200: ok(
+            AlertsOut,
+            "the account's thresholds, armed flags and webhook URL",
+            {"webhook_url": None, "thresholds": {"image": 10}, "armed": {"image": True}},
+        ),
+        **ERRORS,
+        404: error(404, "unknown account"),
+    },
 )
-def put_account_alerts(account_id: str, body: AlertsIn, engine: EngineDep) -> dict[str, Any]:
+def put_account_alerts(
+    account_id: AccountIdPath, body: AlertsIn, engine: EngineDep
+) -> dict[str, Any]:
     """An account's low-balance thresholds and webhook URL (as PUT /v1/alerts)."""
     return set_from_body(engine, account_id, body)

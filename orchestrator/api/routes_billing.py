@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from billing.db import run_transaction
 from orchestrator.api.deps import AccountId, EngineDep
+from orchestrator.api.docs import ok, responses
 from orchestrator.api.schemas import AlertsIn, AlertsOut, ErrorOut
 from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.payments import stripe_events
@@ -22,10 +23,15 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["billing"], responses=UNAVAILABLE_RESPONSES)
 
-ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    401: {"model": ErrorOut, "description": "missing or bad API key"},
-    422: {"model": ErrorOut, "description": "bad input; `field` names it"},
+ERRORS: Final[dict[int | str, dict[str, Any]]] = responses(401)
+ALERTS_EXAMPLE: Final = {
+    "webhook_url": "https://example.com/hooks/tollgate",
+    "thresholds": {"image": 10},
+    "armed": {"image": True},
 }
+ALERTS_OK: Final = ok(
+    AlertsOut, "the account's thresholds, armed flags and webhook URL", ALERTS_EXAMPLE
+)
 
 
 def _count(request: Request, provider: str, type_: str, outcome: str) -> None:
@@ -37,8 +43,16 @@ def _count(request: Request, provider: str, type_: str, outcome: str) -> None:
 @router.post(
     "/billing/stripe/webhook",
     responses={
-        200: {"description": "processed, a replay, ignored, or an unhandled type"},
-        400: {"model": ErrorOut, "description": "bad or stale signature, or not processable"},
+        200: {
+            "description": "processed, a replay, ignored, or an unhandled type",
+            "content": {"application/json": {"example": {"outcome": "processed"}}},
+        },
+        400: {
+            "model": ErrorOut,
+            "description": "bad or stale signature, or not processable",
+            "content": {"application/json": {"example": {"detail": "bad Stripe-Signature"}}},
+        },
+        **responses(),
     },
 )
 async def stripe_webhook(request: Request, engine: EngineDep) -> JSONResponse:
@@ -72,13 +86,13 @@ async def stripe_webhook(request: Request, engine: EngineDep) -> JSONResponse:
     )
 
 
-@router.get("/alerts", response_model=AlertsOut, responses=ERRORS)
+@router.get("/alerts", response_model=AlertsOut, responses={200: ALERTS_OK, **ERRORS})
 def get_alerts(account_id: AccountId, engine: EngineDep) -> dict[str, Any]:
     """Your low-balance thresholds per kind, whether each is armed, and the webhook URL."""
     return run_transaction(engine, lambda conn: alerts.view(conn, account_id))
 
 
-@router.put("/alerts", response_model=AlertsOut, responses=ERRORS)
+@router.put("/alerts", response_model=AlertsOut, responses={200: ALERTS_OK, **ERRORS})
 def put_alerts(body: AlertsIn, account_id: AccountId, engine: EngineDep) -> dict[str, Any]:
     """Set thresholds (null removes one) and optionally the webhook URL that receives one
     signed `balance.low` event each time `available` falls below a threshold."""

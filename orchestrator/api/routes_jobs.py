@@ -26,11 +26,10 @@ import billing
 from billing.db import run_transaction
 from orchestrator.api import output_urls
 from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
-from orchestrator.api.docs import job_id_param, ok, responses, spec_examples
+from orchestrator.api.docs import error, job_id_param, ok, responses, spec_examples
 from orchestrator.api.examples import JOB_EXAMPLE
 from orchestrator.api.schemas import (
     WORD_MAX_CHARS,
-    ErrorOut,
     ImageOut,
     JobList,
     JobOut,
@@ -212,7 +211,7 @@ def cancel_job(
     responses={
         200: {"content": {"image/png": {}}, "description": "the PNG"},
         **responses(401, 404),
-        410: {"model": ErrorOut, "description": "deleted by output retention"},
+        410: error(410, "deleted by output retention"),
     },
 )
 def get_output(
@@ -251,17 +250,17 @@ def output_response(row: Any, index: int, storage: Storage) -> Response:
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}, "description": "the PNG"},
-        403: {"model": ErrorOut, "description": "expired, or a bad signature"},
-        404: {"model": ErrorOut, "description": "no such output"},
-        410: {"model": ErrorOut, "description": "deleted by output retention"},
+        **responses(404),
+        403: error(403, "expired, or a bad signature"),
+        410: error(410, "deleted by output retention"),
     },
 )
 def get_signed_output(
-    job_id: str,
-    index: int,
+    job_id: JobIdPath,
+    index: Annotated[int, Path(ge=0, lt=OUTPUTS_MAX)],
     engine: EngineDep,
     storage: StorageDep,
-    expires: Annotated[int, Query()],
+    expires: Annotated[int, Query(ge=0, le=2**63 - 1)],
     sig: Annotated[str, Query(max_length=64)],
 ) -> Response:
     """An output by the signed URL in the job's `outputs[].url` (local storage): no API

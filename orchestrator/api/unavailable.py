@@ -46,6 +46,15 @@ UNAVAILABLE_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
                 "schema": {"type": "integer"},
             }
         },
+        "content": {
+            "application/json": {
+                "example": {
+                    "detail": "postgresql is unreachable; retry later",
+                    "dependency": "postgresql",
+                    "retry_after_s": 2,
+                }
+            }
+        },
     }
 }
 

@@ -379,10 +379,10 @@ def credits_arrived(engine: Engine, account_id: str, kinds: set[str]) -> list[st
     if "tune_image" not in kinds:
         return []
     from orchestrator.scheduling.dispatch import get_publisher
-    from orchestrator.scheduling.outbox import relay
+    from orchestrator.scheduling.scheduler import nudge
     from orchestrator.tunes import service as tunes
 
     started = tunes.start_waiting_renders(engine, account_id)
-    with contextlib.suppress(Exception):  # best effort; the beat re-publisher covers failures
-        relay(engine, get_publisher())
+    with contextlib.suppress(Exception):  # best effort; beat's dispatcher covers failures
+        nudge(engine, get_publisher(), started)  # the renders wait for a slot like any job
     return started
