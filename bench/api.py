@@ -31,6 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_env import bench_secrets  # noqa: E402
 from bench.ledger import bench_database, libpq_url  # noqa: E402
 from bench.lifecycle import ADMIN_URL, spawn, wait_log  # noqa: E402
 from billing import ledger  # noqa: E402
@@ -143,6 +144,7 @@ def main() -> None:
         env = {
             **os.environ,
             "TOLLGATE_DATABASE_URL": db_url,
+            **bench_secrets(),
             "TOLLGATE_REDIS_URL": redis_url,
             "TOLLGATE_STORAGE_URL": str(logs / "storage"),
             "BASELINE_DATABASE_URL": libpq_url(db_url),

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contextlib
 
+from bench.bench_env import bench_secrets  # noqa: E402
 from bench.ledger import bench_database, libpq_url  # noqa: E402
 from billing import ledger  # noqa: E402
 from billing.db import make_engine, run_transaction  # noqa: E402
@@ -422,6 +423,7 @@ def main() -> int:  # noqa: PLR0915 (one linear script)
         env = {
             **base_env,
             "TOLLGATE_DATABASE_URL": db_url,
+            **bench_secrets(),
             "TOLLGATE_REDIS_URL": redis_url,
             "TOLLGATE_STORAGE_URL": str(work / "storage"),
             "TOLLGATE_MODELS": str(kit / "models.toml"),

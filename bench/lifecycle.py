@@ -35,6 +35,7 @@ from sqlalchemy import func, select
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import cpu  # noqa: E402
+from bench.bench_env import bench_secrets  # noqa: E402
 from bench.ledger import bench_database  # noqa: E402
 from billing import ledger  # noqa: E402
 from billing.db import make_engine, run_transaction  # noqa: E402
@@ -165,6 +166,7 @@ def main() -> None:
         env = {
             **os.environ,
             "TOLLGATE_DATABASE_URL": db_url,
+            **bench_secrets(),
             "TOLLGATE_REDIS_URL": redis_url,
             "TOLLGATE_STORAGE_URL": str(logs / "storage"),
             "PYTHONUNBUFFERED": "1",

@@ -46,6 +46,7 @@ from sqlalchemy import Engine, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_env import bench_secrets  # noqa: E402
 from bench.ledger import bench_database  # noqa: E402
 from bench.lifecycle import ADMIN_URL, spawn, wait_log  # noqa: E402
 from billing import ledger  # noqa: E402
@@ -286,6 +287,7 @@ def measure(kit: Path, n_jobs: int, redis_db: int, work: Path) -> tuple[list[Fam
         env = {
             **os.environ,
             "TOLLGATE_DATABASE_URL": db_url,
+            **bench_secrets(),
             "TOLLGATE_REDIS_URL": redis_url,
             "TOLLGATE_STORAGE_URL": str(work / "storage"),
             "TOLLGATE_MODELS": str(registry),
