@@ -61,7 +61,7 @@ def make_account(engine: Engine, plan: str) -> str:
 
 
 def spec(run_s: float) -> dict[str, Any]:
-    return {"type": "txt2img", "prompt": "b", "steps": 20, "test": f"sleep:{run_s}"}
+    return {"type": "txt2img", "prompt": f"test:sleep:{run_s}", "steps": 20}
 
 
 def submit(engine: Engine, storage: Any, acc: str, n: int, run_s: float) -> list[str]:
