@@ -170,6 +170,17 @@ def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         yield {**env, "TOLLGATE_STORAGE_URL": f"s3://{bucket}/tollgate"}
 
 
+@pytest.fixture(scope="session")
+def s3rver_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """s3rver (tests/s3rver/, Node.js) as a child process, with a bucket: the S3 server that
+    enforces presigned URLs' expiry and SigV4 signatures. The same variables as s3_env."""
+    from tests.support.s3 import s3rver
+
+    with s3rver(tmp_path_factory.mktemp("s3rver")) as env:
+        bucket = env["TOLLGATE_TEST_S3_BUCKET"]
+        yield {**env, "TOLLGATE_STORAGE_URL": f"s3://{bucket}/tollgate"}
+
+
 ANNOUNCED_SLOTS = 1000
 
 

@@ -29,7 +29,7 @@ from orchestrator.tunes import service as tunes
 from tests.api_helpers import Headers, make_account
 from tests.lifecycle_helpers import wait_until
 from tests.support.s3 import environ
-from tests.support.services import celery_worker
+from tests.support.services import kit_worker
 from tests.test_tunes import photos
 from tests.test_workers_e2e import photo_b64
 
@@ -73,20 +73,12 @@ def s3_worker(
     env = {
         **service_env,
         **s3_settings,
-        "TOLLGATE_MODELS": str(models_kit_dir / "models.toml"),
-        "TOLLGATE_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
         "TOLLGATE_TUNE_RENDER_SIZE_PX": "64",
         "TOLLGATE_TUNE_RENDER_STEPS_MAX": "1",
         "TOLLGATE_WORK_DIR": str(tmp_path_factory.mktemp("work")),
     }
-    with celery_worker(
-        env,
-        tmp_path_factory.mktemp("logs"),
-        app="workers.app",
-        queues="gpu.txt2img,gpu.post,gpu.train,tollgate.callbacks",
-        concurrency=1,
-    ) as proc:
+    queues = "gpu.txt2img,gpu.post,gpu.train,tollgate.callbacks"
+    with kit_worker(env, models_kit_dir, tmp_path_factory.mktemp("logs"), queues) as proc:
         yield proc
 
 

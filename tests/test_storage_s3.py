@@ -47,7 +47,8 @@ def test_a_presigned_url_downloads_without_credentials_and_carries_its_expiry(
     s3: Storage,
 ) -> None:
     """moto checks a presigned URL's signed headers but not its expiry (moto/s3/responses.py),
-    so the expiry is asserted on the URL: SigV4 query auth, X-Amz-Expires = the TTL."""
+    so here the expiry is asserted on the URL: SigV4 query auth, X-Amz-Expires = the TTL.
+    tests/test_s3_presigned_expiry.py shows it refused once expired, on s3rver."""
     s3.put("outputs/j2/a1_0.png", b"bytes of a png")
     url = s3.presigned_get("outputs/j2/a1_0.png", ttl_s=120)
     assert url is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from orchestrator.standalone import free_port
 from orchestrator.storage import Storage
 from tests.ledger_helpers import grant, new_account
 from tests.lifecycle_helpers import available, wait_terminal
-from tests.support.services import celery_worker
+from tests.support.services import kit_worker
 
 JOB_TIMEOUT_S = 180
 
@@ -43,19 +43,11 @@ def model_worker(
 ) -> Iterator[Any]:
     env = {
         **service_env,
-        "TOLLGATE_MODELS": str(models_kit_dir / "models.toml"),
-        "TOLLGATE_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
         "TOLLGATE_WORKER_METRICS_PORT": str(metrics_port),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("prom")),
     }
-    with celery_worker(
-        env,
-        tmp_path_factory.mktemp("logs"),
-        app="workers.app",
-        queues="gpu.txt2img,gpu.post",
-        concurrency=1,
-    ) as proc:
+    logs = tmp_path_factory.mktemp("logs")
+    with kit_worker(env, models_kit_dir, logs, "gpu.txt2img,gpu.post") as proc:
         yield proc
 
 
@@ -79,12 +71,21 @@ def photo_b64(size: int = 256, face: bool = True) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+Run = Callable[[dict[str, Any]], Any]
+
+
+@pytest.fixture
 def run(
-    pg_engine: Engine, storage: Storage, redis_url: str, account: str, spec: dict[str, Any]
-) -> Any:
-    job_id = jobs.submit(pg_engine, storage, account, spec).job["id"]
-    nudge(pg_engine, Publisher(redis_url), job_id)
-    return wait_terminal(pg_engine, job_id, timeout_s=JOB_TIMEOUT_S)
+    model_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, account: str
+) -> Run:
+    """Submit `spec` for `account`, dispatch it to the model worker, and wait for its end."""
+
+    def submit_and_wait(spec: dict[str, Any]) -> Any:
+        job_id = jobs.submit(pg_engine, storage, account, spec).job["id"]
+        nudge(pg_engine, Publisher(redis_url), job_id)
+        return wait_terminal(pg_engine, job_id, timeout_s=JOB_TIMEOUT_S)
+
+    return submit_and_wait
 
 
 def output_image(storage: Storage, done: Any, index: int = 0) -> Image.Image:
@@ -95,7 +96,7 @@ def output_image(storage: Storage, done: Any, index: int = 0) -> Image.Image:
 
 
 def test_txt2img_renders_and_charges_the_quoted_price(
-    model_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, account: str
+    run: Run, pg_engine: Engine, storage: Storage, account: str
 ) -> None:
     spec = {
         "type": "txt2img",
@@ -106,7 +107,7 @@ def test_txt2img_renders_and_charges_the_quoted_price(
         "num_images": 2,
         "seed": 11,
     }
-    done = run(pg_engine, storage, redis_url, account, spec)
+    done = run(spec)
     assert done.status == "succeeded", done.error
     assert done.charged == quote(spec).credits == 2
     images = [output_image(storage, done, i) for i in range(2)]
@@ -118,52 +119,32 @@ def test_txt2img_renders_and_charges_the_quoted_price(
 
 
 @pytest.mark.parametrize("scale", [2, 4])
-def test_upscale(
-    model_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, account: str, scale: int
-) -> None:
+def test_upscale(run: Run, storage: Storage, scale: int) -> None:
     spec = {"type": "upscale", "scale": scale, "image_b64": photo_b64(64)}
-    done = run(pg_engine, storage, redis_url, account, spec)
+    done = run(spec)
     assert done.status == "succeeded", done.error
     assert done.charged == quote(spec).credits == {2: 1, 4: 2}[scale]
     assert output_image(storage, done).size == (64 * scale, 64 * scale)
 
 
 def test_face_enhance_and_no_face_is_refunded(
-    model_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, account: str
+    run: Run, pg_engine: Engine, storage: Storage, account: str
 ) -> None:
-    done = run(
-        pg_engine,
-        storage,
-        redis_url,
-        account,
-        {"type": "face_enhance", "image_b64": photo_b64(256)},
-    )
+    done = run({"type": "face_enhance", "image_b64": photo_b64(256)})
     assert done.status == "succeeded", done.error
     assert done.charged == 1
     width, height = output_image(storage, done).size  # GFPGAN upscales by its registry factor
     assert width == height and width % 256 == 0
-    blank = run(
-        pg_engine,
-        storage,
-        redis_url,
-        account,
-        {"type": "face_enhance", "image_b64": photo_b64(256, face=False)},
-    )
+    blank = run({"type": "face_enhance", "image_b64": photo_b64(256, face=False)})
     assert (blank.status, blank.charged, blank.refunded) == ("failed", 0, 1)
     assert "no face found" in blank.error
     assert available(pg_engine, account) == 49
 
 
 def test_remove_background_gives_rgba_with_varying_alpha(
-    model_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, account: str
+    run: Run, pg_engine: Engine, storage: Storage, account: str
 ) -> None:
-    done = run(
-        pg_engine,
-        storage,
-        redis_url,
-        account,
-        {"type": "remove_background", "image_b64": photo_b64(128)},
-    )
+    done = run({"type": "remove_background", "image_b64": photo_b64(128)})
     assert done.status == "succeeded", done.error
     assert done.charged == 1
     image = output_image(storage, done)
@@ -172,44 +153,19 @@ def test_remove_background_gives_rgba_with_varying_alpha(
     assert low < high
 
 
-def test_a_model_error_refunds(
-    model_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str, account: str
-) -> None:
+def test_a_model_error_refunds(run: Run, pg_engine: Engine, account: str) -> None:
     done = run(
-        pg_engine,
-        storage,
-        redis_url,
-        account,
-        {"type": "upscale", "scale": 2, "model": "no-such-model", "image_b64": photo_b64(64)},
+        {"type": "upscale", "scale": 2, "model": "no-such-model", "image_b64": photo_b64(64)}
     )
     assert (done.status, done.charged, done.refunded) == ("failed", 0, 1)
     assert "no-such-model" in done.error
     assert available(pg_engine, account) == 50
 
 
-def test_models_load_once_per_worker_process(
-    model_worker: Any,
-    pg_engine: Engine,
-    storage: Storage,
-    redis_url: str,
-    account: str,
-    metrics_port: int,
-) -> None:
+def test_models_load_once_per_worker_process(run: Run, metrics_port: int) -> None:
     for seed in (1, 2, 3):
-        done = run(
-            pg_engine,
-            storage,
-            redis_url,
-            account,
-            {
-                "type": "txt2img",
-                "prompt": "x",
-                "width": 256,
-                "height": 256,
-                "steps": 2,
-                "seed": seed,
-            },
-        )
+        spec = {"type": "txt2img", "prompt": "x", "width": 256, "height": 256, "steps": 2}
+        done = run({**spec, "seed": seed})
         assert done.status == "succeeded", done.error
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     loads = re.search(r'tollgate_worker_model_loads_total\{model="sd15"\} (\S+)', text)

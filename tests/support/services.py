@@ -61,6 +61,27 @@ def celery_worker(
 
 
 @contextmanager
+def kit_worker(
+    env: dict[str, str],
+    models_kit_dir: Path,
+    log_dir: Path,
+    queues: str,
+    *,
+    app: str = "workers.app",
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The product's worker (real model code, `-c 1`) on the tiny model kit, on the CPU,
+    offline: `env` plus TOLLGATE_MODELS, TOLLGATE_DEVICE=cpu and HF_HUB_OFFLINE=1."""
+    kit_env = {
+        **env,
+        "TOLLGATE_MODELS": str(models_kit_dir / "models.toml"),
+        "TOLLGATE_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+    }
+    with celery_worker(kit_env, log_dir, app=app, queues=queues, concurrency=1) as proc:
+        yield proc
+
+
+@contextmanager
 def celery_beat(
     env: dict[str, str], log_dir: Path, *, app: str = "tests.support.worker_app"
 ) -> Iterator[subprocess.Popen[bytes]]:
