@@ -1,12 +1,22 @@
-"""Accounts and API keys (service layer: each function is one transaction)."""
+"""Accounts and API keys (service layer: each function is one transaction).
+
+`KeyCache`: an API process remembers the account of a key it has looked up for
+`api_key_cache_ttl_s` seconds (at most `api_key_cache_max` keys, least recently used out
+first), so most requests skip the lookup's transaction. Only keys found are cached; a key
+revoked in the database keeps working in a process that cached it until its entry expires
+(`revoke_key` drops it at once from the cache it is given)."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, insert, select, update
 
 from billing import ledger
 from billing.clock import utcnow
@@ -49,10 +59,88 @@ def create_account(engine: Engine, name: str, plan: str) -> NewAccount:
     return run_transaction(engine, work)
 
 
-def account_for_key(conn: Connection, api_key: str) -> str | None:
-    """The account an API key belongs to, or None (unknown or revoked)."""
+def account_for_hash(conn: Connection, key_hash: str) -> str | None:
     return conn.execute(
         select(api_keys.c.account_id).where(
-            api_keys.c.key_hash == hash_api_key(api_key), api_keys.c.revoked_at.is_(None)
+            api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)
         )
     ).scalar_one_or_none()
+
+
+def account_for_key(conn: Connection, api_key: str) -> str | None:
+    """The account an API key belongs to, or None (unknown or revoked)."""
+    return account_for_hash(conn, hash_api_key(api_key))
+
+
+class KeyCache:
+    """Key hash -> account id, each entry for `ttl_s` seconds, at most `size_max` entries.
+    Thread-safe (the API's request threads share one)."""
+
+    def __init__(
+        self, ttl_s: float, size_max: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.size_max = max(1, size_max)
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> str | None:
+        with self._lock:
+            found = self._entries.get(key_hash)
+            if found is None:
+                return None
+            if found[1] <= self._clock():
+                del self._entries[key_hash]
+                return None
+            self._entries.move_to_end(key_hash)
+            return found[0]
+
+    def put(self, key_hash: str, account_id: str) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            self._entries[key_hash] = (account_id, self._clock() + self.ttl_s)
+            self._entries.move_to_end(key_hash)
+            while len(self._entries) > self.size_max:
+                self._entries.popitem(last=False)
+
+    def forget(self, key_hash: str) -> None:
+        with self._lock:
+            self._entries.pop(key_hash, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def authenticate(engine: Engine, api_key: str, cache: KeyCache | None = None) -> str | None:
+    """The account of `api_key` (None: unknown or revoked), from `cache` while it holds the
+    key, else from the database (one read-only transaction; what it finds is cached)."""
+    key_hash = hash_api_key(api_key)
+    if cache is not None:
+        found = cache.get(key_hash)
+        if found is not None:
+            return found
+    account_id = run_transaction(engine, lambda conn: account_for_hash(conn, key_hash))
+    if account_id is not None and cache is not None:
+        cache.put(key_hash, account_id)
+    return account_id
+
+
+def revoke_key(engine: Engine, api_key: str, cache: KeyCache | None = None) -> bool:
+    """Revoke an API key (False: unknown or revoked already). Other processes' caches
+    still accept it until their entries expire (api_key_cache_ttl_s)."""
+    key_hash = hash_api_key(api_key)
+
+    def work(conn: Connection) -> bool:
+        done = conn.execute(
+            update(api_keys)
+            .where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
+        return bool(done.rowcount)
+
+    revoked = run_transaction(engine, work)
+    if cache is not None:
+        cache.forget(key_hash)
+    return revoked

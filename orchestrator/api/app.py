@@ -7,7 +7,8 @@ Service errors map to HTTP here, so routes stay thin; every error body is JSON w
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, status
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import billing
 from orchestrator import db
+from orchestrator.accounts import KeyCache
 from orchestrator.api import (
     routes_account,
     routes_admin,
@@ -37,6 +39,8 @@ from orchestrator.api.schemas import Health
 from orchestrator.faults import API_RETRY_AFTER_S
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs.images import InvalidImage, UnknownImage
+from orchestrator.scheduling.dispatch import get_publisher
+from orchestrator.scheduling.nudger import Nudger
 from orchestrator.settings import get_settings
 from orchestrator.tunes import service as tunes
 
@@ -148,6 +152,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     unavailable.install(app)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.nudger.stop()  # the last submits' dispatch and relay (else beat sends them)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="Tollgate",
@@ -155,7 +165,11 @@ def create_app() -> FastAPI:
         description=DESCRIPTION,
         docs_url=None,
         redoc_url=None,
+        lifespan=_lifespan,
     )
+    settings = get_settings()
+    app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s, settings.api_key_cache_max)
+    app.state.nudger = Nudger(db.get_engine, get_publisher)
     install_docs(app)
     _install_error_handlers(app)
     app.include_router(routes_jobs.router)

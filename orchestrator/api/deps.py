@@ -1,7 +1,9 @@
 """Dependencies: the engine, storage and publisher of this process, and authentication.
 
-Clients send `Authorization: Bearer <api key>`; keys are looked up by their hash. Admin
-routes take `Bearer <TOLLGATE_ADMIN_TOKEN>` and are disabled (403) while it is empty.
+Clients send `Authorization: Bearer <api key>`; keys are looked up by their hash, through
+the app's `KeyCache` (orchestrator.accounts: TOLLGATE_API_KEY_CACHE_TTL_S). Admin routes take
+`Bearer <TOLLGATE_ADMIN_TOKEN>` and are disabled (403) while it is empty. A submit's dispatch
+and outbox relay run on the app's `Nudger` thread (orchestrator.scheduling.nudger).
 """
 
 from __future__ import annotations
@@ -9,14 +11,14 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 
-from billing.db import run_transaction
 from orchestrator import db, storage
-from orchestrator.accounts import account_for_key
+from orchestrator.accounts import KeyCache, authenticate
 from orchestrator.scheduling import dispatch
+from orchestrator.scheduling.nudger import Nudger
 from orchestrator.scheduling.outbox import Publisher
 from orchestrator.settings import get_settings
 
@@ -36,22 +38,28 @@ def get_publisher() -> Publisher:
     return dispatch.get_publisher()
 
 
+def get_nudger(request: Request) -> Nudger:
+    nudger: Nudger = request.app.state.nudger
+    return nudger
+
+
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 StorageDep = Annotated[storage.Storage, Depends(get_storage)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
+NudgerDep = Annotated[Nudger, Depends(get_nudger)]
 
 
 def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers=AUTH_HEADERS)
 
 
-def current_account(credentials: Credentials, engine: EngineDep) -> str:
+def current_account(request: Request, credentials: Credentials, engine: EngineDep) -> str:
     """The account id of the caller's API key (401 without one or with a bad one)."""
     if credentials is None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <api key>'")
-    key = credentials.credentials
-    account_id = run_transaction(engine, lambda conn: account_for_key(conn, key))
+    cache: KeyCache | None = getattr(request.app.state, "key_cache", None)
+    account_id = authenticate(engine, credentials.credentials, cache)
     if account_id is None:
         raise _unauthorized("invalid or revoked API key")
     return account_id

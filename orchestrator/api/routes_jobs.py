@@ -25,7 +25,7 @@ from starlette.types import Message
 import billing
 from billing.db import run_transaction
 from orchestrator.api import output_urls
-from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
+from orchestrator.api.deps import AccountId, EngineDep, NudgerDep, PublisherDep, StorageDep
 from orchestrator.api.docs import error, job_id_param, ok, responses, spec_examples
 from orchestrator.api.examples import JOB_EXAMPLE
 from orchestrator.api.schemas import (
@@ -105,7 +105,7 @@ def submit_job(
     account_id: AccountId,
     engine: EngineDep,
     storage: StorageDep,
-    publish: PublisherDep,
+    nudger: NudgerDep,
     response: Response,
     idempotency_key: Annotated[
         str | None, Header(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_LEN)
@@ -113,7 +113,8 @@ def submit_job(
 ) -> dict[str, Any]:
     """Submit a job: `{"spec": {...}, "callback_url": ...}`, or a bare spec. It is priced,
     the credits are held, and it is queued. With `Idempotency-Key`, retrying the same body
-    returns the same job (200); another body under that key is a 409."""
+    returns the same job (200); another body under that key is a 409. The answer comes at
+    the job's commit; its dispatch and relay follow on the process's nudger thread."""
     events: list[str] | None = None
     if isinstance(body, JobRequest):
         spec, callback_url, events = body.spec, body.callback_url, body.webhook_events_filter
@@ -127,8 +128,9 @@ def submit_job(
         idempotency_key=idempotency_key,
         callback_url=callback_url,
         webhook_events_filter=events,
+        account_known=True,
     )
-    nudge(engine, publish, submitted.job["id"])
+    nudger.poke(submitted.job["id"])
     if not submitted.created:
         response.status_code = status.HTTP_200_OK
     return submitted.job

@@ -130,6 +130,7 @@ def submit(
     webhook_events_filter: Any = None,
     source: str = "http",
     job_id: str | None = None,
+    account_known: bool = False,
 ) -> Submitted:
     """Price, hold and enqueue a job. Raises InvalidJobSpec (bad spec, nothing recorded),
     IdempotencyConflict, UnknownAccount, or JobRejected (insufficient credits: a `rejected`
@@ -137,7 +138,9 @@ def submit(
 
     `job_id`: the id to use (the intake derives one per stream message, so a replay of a
     message finds the job, or the rejection, it already recorded). A rerun of the
-    transaction after a lost commit answer finds its own row by id too."""
+    transaction after a lost commit answer finds its own row by id too.
+    `account_known`: the caller knows the account exists (an API key of it was just
+    checked; accounts are never deleted), so its row is not read first."""
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX_LEN:
         raise InvalidJobSpec("idempotency_key", f"must be 1..{IDEMPOTENCY_KEY_MAX_LEN} characters")
     callback_url = specs.validate_callback_url(callback_url)
@@ -165,13 +168,19 @@ def submit(
     except InvalidJobSpec:
         run_transaction(engine, existing)  # a reused key with another body is a 409 first
         raise
+    # A fresh id cannot have a row yet on the first attempt; a rerun (after a lost commit
+    # answer) and a caller's id (a replayed message) look for it.
+    fresh = job_id is None
     job_id = job_id or new_job_id()
+    attempts = 0
 
     def work(conn: Connection) -> Row[Any]:
+        nonlocal attempts
+        attempts += 1
         again = existing(conn)
         if again is not None:  # a replay, or a concurrent retry that won the race
             return again
-        own = _own_row(conn, job_id, account_id)
+        own = None if fresh and attempts == 1 else _own_row(conn, job_id, account_id)
         if own is not None:
             if own.status == states.REJECTED:  # this message was refused before
                 raise InsufficientCredits(
@@ -180,7 +189,8 @@ def submit(
                     ledger.get_balance(conn, account_id, own.credit_kind).available,
                 )
             return own  # this very submit committed before (the answer was lost)
-        ledger.get_account(conn, account_id)
+        if not account_known:
+            ledger.get_account(conn, account_id)  # UnknownAccount before any insert
         spec_ = dict(normalised)
         kind = kinds.kind_for(spec_["type"])
         if kind.before_insert is not None:

@@ -26,6 +26,7 @@ from tests.api_helpers import (
     image_balance,
     image_bytes,
     make_account,
+    settle,
     submit,
 )
 
@@ -103,6 +104,7 @@ def test_submit_holds_credits_and_returns_the_job(
     assert got.status_code == 200 and got.json()["status"] == states.DISPATCHED  # relayed
     bare = client.post("/v1/jobs", json=TXT2IMG, headers=user[1])  # a bare spec works too
     assert bare.status_code == 202
+    settle(client)  # its dispatch and relay run on the nudger thread
     listed = client.get("/v1/jobs", params={"status": "dispatched"}, headers=user[1]).json()
     assert [j["id"] for j in listed["jobs"]] == [bare.json()["id"], job["id"]]
     assert (
