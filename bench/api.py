@@ -175,7 +175,9 @@ def main() -> None:
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="open-loop length")
     parser.add_argument("--redis-db", type=int, default=13)
     parser.add_argument(
-        "--profile", type=Path, help="write py-spy collapsed stacks of the POST run here"
+        "--profile",
+        type=Path,
+        help="write py-spy collapsed stacks (GIL holder only) of the POST run here",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -269,7 +271,7 @@ def main() -> None:
                         str(args.profile),
                         "-r",
                         "200",
-                        "-s",
+                        "--gil",  # only the thread holding the GIL: CPU, not waits
                     ],
                     stdout=subprocess.DEVNULL,
                 )

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, insert, select, update
@@ -22,6 +18,7 @@ from billing import ledger
 from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.tables import api_keys
+from orchestrator.ttl_cache import TtlCache
 
 API_KEY_PREFIX = "tg_"
 API_KEY_BYTES = 32
@@ -72,45 +69,8 @@ def account_for_key(conn: Connection, api_key: str) -> str | None:
     return account_for_hash(conn, hash_api_key(api_key))
 
 
-class KeyCache:
-    """Key hash -> account id, each entry for `ttl_s` seconds, at most `size_max` entries.
-    Thread-safe (the API's request threads share one)."""
-
-    def __init__(
-        self, ttl_s: float, size_max: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.ttl_s = ttl_s
-        self.size_max = max(1, size_max)
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key_hash: str) -> str | None:
-        with self._lock:
-            found = self._entries.get(key_hash)
-            if found is None:
-                return None
-            if found[1] <= self._clock():
-                del self._entries[key_hash]
-                return None
-            self._entries.move_to_end(key_hash)
-            return found[0]
-
-    def put(self, key_hash: str, account_id: str) -> None:
-        if self.ttl_s <= 0:
-            return
-        with self._lock:
-            self._entries[key_hash] = (account_id, self._clock() + self.ttl_s)
-            self._entries.move_to_end(key_hash)
-            while len(self._entries) > self.size_max:
-                self._entries.popitem(last=False)
-
-    def forget(self, key_hash: str) -> None:
-        with self._lock:
-            self._entries.pop(key_hash, None)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+# Key hash -> account id. Thread-safe (the API's request threads share one).
+KeyCache = TtlCache[str]
 
 
 def authenticate(engine: Engine, api_key: str, cache: KeyCache | None = None) -> str | None:

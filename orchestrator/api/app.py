@@ -42,6 +42,7 @@ from orchestrator.jobs.images import InvalidImage, UnknownImage
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.nudger import Nudger
 from orchestrator.settings import get_settings
+from orchestrator.ttl_cache import TtlCache
 from orchestrator.tunes import service as tunes
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ its outputs; a job is charged only for delivered outputs and refunded otherwise.
 
 Errors are JSON `{"detail": ...}`; a 422 names the offending `field` (an unknown field in a
 job spec too), a 402 says `needed` and `available`."""
+QUEUE_POSITION_TTL_S = 1.0
 # FastAPI's answer to a body it cannot decode (not UTF-8, for one): a 400 without a field.
 UNPARSABLE_BODY = "There was an error parsing the body"
 
@@ -170,6 +172,8 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s, settings.api_key_cache_max)
     app.state.nudger = Nudger(db.get_engine, get_publisher)
+    # A queued job's {position, eta_s}: the fair order's position is worth a second's age.
+    app.state.queue_positions = TtlCache[dict[str, Any]](QUEUE_POSITION_TTL_S, 10_000)
     install_docs(app)
     _install_error_handlers(app)
     app.include_router(routes_jobs.router)

@@ -45,6 +45,7 @@ from orchestrator.scheduling.queues import queue_info
 from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage
 from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN, images
+from orchestrator.ttl_cache import TtlCache
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=UNAVAILABLE_RESPONSES)
 
@@ -173,12 +174,18 @@ def get_job(
     """A job. Each stored output has a `url` that works without an API key until its
     `expires_at` (TOLLGATE_OUTPUT_URL_TTL_S): presigned on S3, HMAC-signed
     /v1/outputs/... on local storage. `webhook` shows the last callback delivery. While it
-    waits for a worker slot, `queue: {position, eta_s}`."""
+    waits for a worker slot, `queue: {position, eta_s}` (computed at most once a second per
+    API process: QUEUE_POSITION_TTL_S)."""
     sign = output_urls.signer(storage, output_urls.base_url(request))
     job = jobs.get(engine, account_id, job_id, sign)
     if job["status"] in (states.QUEUED, states.RENDERING):
+        positions: TtlCache[dict[str, Any]] = request.app.state.queue_positions
+        job["queue"] = positions.get(job_id)
         redis = getattr(publish, "redis", None)
-        job["queue"] = queue_info(engine, redis, job_id) if redis is not None else None
+        if job["queue"] is None and redis is not None:
+            job["queue"] = queue_info(engine, redis, job_id)
+            if job["queue"] is not None:
+                positions.put(job_id, job["queue"])
     return job
 
 

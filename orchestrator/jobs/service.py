@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.engine import Row
 
 from billing import InsufficientCredits, InvalidJobSpec, ledger
@@ -79,6 +79,15 @@ def request_hash(spec: Any, callback_url: str | None, events: list[str] | None =
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+# Built once: a statement's construction costs more than its execution on the hot path.
+INSERT_JOB: Final = insert(jobs).returning(*jobs.c)
+JOB_BY_ID: Final = select(jobs).where(jobs.c.id == bindparam("job_id"))
+JOB_BY_KEY: Final = select(jobs).where(
+    jobs.c.account_id == bindparam("account_id"),
+    jobs.c.idempotency_key == bindparam("idempotency_key"),
+)
+
+
 def _insert_job(
     conn: Connection,
     job_id: str,
@@ -89,23 +98,20 @@ def _insert_job(
     now: datetime,
     **values: Any,
 ) -> Row[Any]:
-    return conn.execute(
-        insert(jobs)
-        .values(
-            id=job_id,
-            account_id=account_id,
-            type=str(spec.get("type", "unknown"))[:20],
-            spec=spec,
-            status=status,
-            outputs=[],
-            source=source,
-            created_at=now,
-            updated_at=now,
-            attempt=0,
-            **values,
-        )
-        .returning(*jobs.c)
-    ).one()
+    params = {
+        "id": job_id,
+        "account_id": account_id,
+        "type": str(spec.get("type", "unknown"))[:20],
+        "spec": spec,
+        "status": status,
+        "outputs": [],
+        "source": source,
+        "created_at": now,
+        "updated_at": now,
+        "attempt": 0,
+        **values,
+    }
+    return conn.execute(INSERT_JOB, params).one()
 
 
 def _resolve_image_input(
@@ -150,11 +156,8 @@ def submit(
     def existing(conn: Connection) -> Row[Any] | None:
         if idempotency_key is None:
             return None
-        row = conn.execute(
-            select(jobs).where(
-                jobs.c.account_id == account_id, jobs.c.idempotency_key == idempotency_key
-            )
-        ).first()
+        params = {"account_id": account_id, "idempotency_key": idempotency_key}
+        row = conn.execute(JOB_BY_KEY, params).first()
         if row is not None and row.request_hash != digest:
             raise IdempotencyConflict(
                 f"idempotency key {idempotency_key!r} was used with a different request"
@@ -251,7 +254,7 @@ def submit(
 
 
 def _own_row(conn: Connection, job_id: str, account_id: str) -> Row[Any] | None:
-    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    row = conn.execute(JOB_BY_ID, {"job_id": job_id}).first()
     if row is not None and row.account_id != account_id:
         raise OrchestratorError(f"job id {job_id} belongs to another account")
     return row
@@ -301,13 +304,12 @@ def get(
     outputs expiring URLs (records.view)."""
 
     def work(conn: Connection) -> dict[str, Any] | None:
-        stmt = select(jobs).where(jobs.c.id == job_id)
-        if account_id is not None:
-            stmt = stmt.where(jobs.c.account_id == account_id)
-        row = conn.execute(stmt).first()
-        if row is None:
+        row = conn.execute(JOB_BY_ID, {"job_id": job_id}).first()
+        if row is None or (account_id is not None and row.account_id != account_id):
             return None
-        return {**view(row, sign), "attempts": leases.attempts(conn, job_id)}
+        # An attempt starts with the job's start (execution.protocol): none before.
+        attempts = leases.attempts(conn, job_id) if row.started_at is not None else []
+        return {**view(row, sign), "attempts": attempts}
 
     found = run_transaction(engine, work)
     if found is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 PENDING_MAX: Final = 10_000  # job ids waiting for a pass; beyond that beat sends them
 PASS_IDS_MAX: Final = 64  # job ids one pass relays (the relay reads at most 200 rows)
+# Passes start at most this often, so a burst of submits shares one (a dispatch delay of
+# a few ms against a GPU job's seconds).
+PASS_INTERVAL_S: Final = 0.02
 STOP_TIMEOUT_S: Final = 10.0
 
 Nudge = Callable[[Engine, Any, list[str]], Any]
@@ -41,12 +45,15 @@ class Nudger:
         nudge: Nudge = scheduler.nudge,
         pending_max: int = PENDING_MAX,
         pass_ids_max: int = PASS_IDS_MAX,
+        pass_interval_s: float = PASS_INTERVAL_S,
     ) -> None:
         self._engine = engine
         self._publish = publish
         self._nudge = nudge
         self.pending_max = max(1, pending_max)
         self.pass_ids_max = max(1, pass_ids_max)
+        self.pass_interval_s = max(0.0, pass_interval_s)
+        self._last_pass_at = 0.0
         self._pending: dict[str, None] = {}  # insertion-ordered set
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -90,6 +97,13 @@ class Nudger:
                 self._wake.wait()
             if not self._wanted:
                 return None
+            # Let the pokes of the next few ms join this pass (a stop does not wait).
+            while not self._stopping:
+                left = self._last_pass_at + self.pass_interval_s - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            self._last_pass_at = time.monotonic()
             ids = list(self._pending)[: self.pass_ids_max]
             for job_id in ids:
                 del self._pending[job_id]
