@@ -78,7 +78,7 @@ class Nudger:
                     self.dropped += 1
             self._wanted = True
             self._ensure_thread()
-            self._wake.notify()
+            self._wake.notify_all()  # not notify(): a flush() may be waiting on it too
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
