@@ -4,6 +4,8 @@ the same run, on the same PostgreSQL server, driven by the same load generator (
 1. Capacity of `POST /v1/jobs`: requests/s with wrk (4 connections), Tollgate / baseline.
    Target >= 0.5. The baseline (bench/api_baseline.py) is FastAPI + uvicorn + pydantic +
    psycopg 3 with a bearer-token check, one durable INSERT ... RETURNING and a 202 answer.
+   Also the CPU ms per request of each server process and of its PostgreSQL backends
+   (read from /proc: less noisy than req/s on a shared box).
 2. Capacity of `GET /v1/jobs/{id}` against a baseline single-row SELECT. Target >= 0.5.
 3. Latency of `POST /v1/jobs` at a fixed rate (open loop, default 100 req/s) while a Celery
    worker on the same box runs the submitted jobs. Target p99 <= 25 ms.
@@ -25,13 +27,16 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_env import bench_secrets  # noqa: E402
+from bench.cpu import CLOCK_TICKS_PER_S  # noqa: E402
 from bench.ledger import bench_database, libpq_url  # noqa: E402
 from bench.lifecycle import ADMIN_URL, spawn, wait_log  # noqa: E402
 from billing import ledger  # noqa: E402
@@ -43,11 +48,43 @@ BODY = '{"type": "txt2img", "prompt": "bench", "steps": 20}'
 SECONDS_MAX = 30
 RATE_MAX = 500
 JSON = {"Content-Type": "application/json"}
+BASELINE_APP = "tollgate-bench-baseline"  # the baseline's PostgreSQL application_name
 WORKER_QUEUES = "gpu.txt2img,gpu.post,tollgate.maintenance,tollgate.callbacks,celery"
 
 
-def wrk(url: str, api_key: str, seconds: int, connections: int, post: bool | int) -> float:
-    """Requests/s that answered 2xx, from wrk; raises if any answer was not 2xx."""
+@dataclass(frozen=True)
+class Run:
+    """One wrk run: answered requests per second, and CPU per request (ms) of the server
+    process and of its PostgreSQL backends (read from /proc, so other load does not count)."""
+
+    per_s: float
+    server_ms: float
+    postgres_ms: float
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+def backends(db_url: str, baseline: bool) -> list[int]:
+    """The PostgreSQL backend pids of one server (the baseline names itself)."""
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid, application_name FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend'"
+        ).fetchall()
+    return [pid for pid, name in rows if (name == BASELINE_APP) == baseline]
+
+
+def wrk(url: str, api_key: str, seconds: int, connections: int, post: bool, server: Server) -> Run:
+    """A wrk run against one server; raises if any answer was not 2xx."""
     script = Path(tempfile.mkdtemp()) / "req.lua"
     method = "POST" if post else "GET"
     script.write_text(
@@ -56,6 +93,8 @@ def wrk(url: str, api_key: str, seconds: int, connections: int, post: bool | int
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {api_key}"\n'
     )
+    pg_before = {pid: cpu_s(pid) for pid in backends(server.db_url, server.baseline)}
+    own_before = cpu_s(server.pid)
     out = subprocess.run(
         [
             "wrk",
@@ -74,12 +113,23 @@ def wrk(url: str, api_key: str, seconds: int, connections: int, post: bool | int
         check=True,
         timeout=seconds + 60,
     ).stdout
+    own = cpu_s(server.pid) - own_before
+    pg = sum(cpu_s(p) - pg_before.get(p, 0.0) for p in backends(server.db_url, server.baseline))
     if "Non-2xx" in out:
         raise RuntimeError(f"wrk saw non-2xx answers from {url}:\n{out}")
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if found is None:
-        raise RuntimeError(f"no Requests/sec in wrk output:\n{out}")
-    return float(found.group(1))
+    total = re.search(r"(\d+) requests in", out)
+    if found is None or total is None or int(total.group(1)) == 0:
+        raise RuntimeError(f"no requests in wrk output:\n{out}")
+    n = int(total.group(1))
+    return Run(float(found.group(1)), 1000 * own / n, 1000 * pg / n)
+
+
+@dataclass(frozen=True)
+class Server:
+    pid: int
+    db_url: str
+    baseline: bool
 
 
 def open_loop(url: str, api_key: str, rate: float, seconds: float) -> list[float]:
@@ -125,7 +175,9 @@ def main() -> None:
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="open-loop length")
     parser.add_argument("--redis-db", type=int, default=13)
     parser.add_argument(
-        "--profile", type=Path, help="write py-spy collapsed stacks of the POST run here"
+        "--profile",
+        type=Path,
+        help="write py-spy collapsed stacks (GIL holder only) of the POST run here",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -147,7 +199,7 @@ def main() -> None:
             **bench_secrets(),
             "TOLLGATE_REDIS_URL": redis_url,
             "TOLLGATE_STORAGE_URL": str(logs / "storage"),
-            "BASELINE_DATABASE_URL": libpq_url(db_url),
+            "BASELINE_DATABASE_URL": f"{libpq_url(db_url)}?application_name={BASELINE_APP}",
             "BASELINE_API_KEY": baseline_key,
             "PYTHONUNBUFFERED": "1",
         }
@@ -197,10 +249,12 @@ def main() -> None:
                 content=BODY,
                 headers={"Authorization": f"Bearer {baseline_key}", **JSON},
             ).json()["id"]
+            ours = Server(servers[0].pid, db_url, baseline=False)
+            base = Server(servers[1].pid, db_url, baseline=True)
             # Warm both up, then measure alternately: baseline, Tollgate.
-            wrk(f"{base_url}/v1/jobs", baseline_key, 2, connections, post=True)
-            wrk(f"{ours_url}/v1/jobs", new.api_key, 2, connections, post=True)
-            base_post = wrk(f"{base_url}/v1/jobs", baseline_key, seconds, connections, True)
+            wrk(f"{base_url}/v1/jobs", baseline_key, 2, connections, True, base)
+            wrk(f"{ours_url}/v1/jobs", new.api_key, 2, connections, True, ours)
+            base_post = wrk(f"{base_url}/v1/jobs", baseline_key, seconds, connections, True, base)
             spy = None
             if args.profile:
                 spy = subprocess.Popen(
@@ -217,15 +271,19 @@ def main() -> None:
                         str(args.profile),
                         "-r",
                         "200",
-                        "-s",
+                        "--gil",  # only the thread holding the GIL: CPU, not waits
                     ],
                     stdout=subprocess.DEVNULL,
                 )
-            ours_post = wrk(f"{ours_url}/v1/jobs", new.api_key, seconds, connections, True)
+            ours_post = wrk(f"{ours_url}/v1/jobs", new.api_key, seconds, connections, True, ours)
             if spy is not None:
                 spy.wait(timeout=60)
-            base_get = wrk(f"{base_url}/v1/jobs/{base_job}", baseline_key, seconds, connections, 0)
-            ours_get = wrk(f"{ours_url}/v1/jobs/{ours_job}", new.api_key, seconds, connections, 0)
+            base_get = wrk(
+                f"{base_url}/v1/jobs/{base_job}", baseline_key, seconds, connections, False, base
+            )
+            ours_get = wrk(
+                f"{ours_url}/v1/jobs/{ours_job}", new.api_key, seconds, connections, False, ours
+            )
             worker = spawn(
                 [
                     sys.executable,
@@ -262,13 +320,24 @@ def main() -> None:
     q = statistics.quantiles(lat, n=100)
     print(f"one uvicorn process each; wrk {connections} connections x {seconds}s; logs {logs}")
     print(f"{'measure':<44}{'tollgate':>10}{'baseline':>10}{'ratio':>8}  target")
-    for name, ours, base in (
-        ("POST /v1/jobs req/s", ours_post, base_post),
-        ("GET /v1/jobs/{id} req/s", ours_get, base_get),
+    for name, ours_run, base_run in (
+        ("POST /v1/jobs", ours_post, base_post),
+        ("GET /v1/jobs/{id}", ours_get, base_get),
     ):
-        ratio = ours / base
+        ratio = ours_run.per_s / base_run.per_s
         verdict = "MET" if ratio >= 0.5 else "NOT MET"
-        print(f"{name:<44}{ours:>10.0f}{base:>10.0f}{ratio:>8.2f}  >= 0.5 {verdict}")
+        print(
+            f"{name + ' req/s':<44}{ours_run.per_s:>10.0f}{base_run.per_s:>10.0f}{ratio:>8.2f}"
+            f"  >= 0.5 {verdict}"
+        )
+        for what, ours_ms, base_ms in (
+            ("server CPU ms/request", ours_run.server_ms, base_run.server_ms),
+            ("PostgreSQL CPU ms/request", ours_run.postgres_ms, base_run.postgres_ms),
+        ):
+            print(
+                f"{'  ' + what:<44}{ours_ms:>10.2f}{base_ms:>10.2f}"
+                f"{(base_ms / ours_ms if ours_ms else 0):>8.2f}"
+            )
     p99_ms = q[98] * 1000
     print(
         f"POST /v1/jobs at {rate:g}/s, worker busy: {len(lat)} accepted, p50 {q[49] * 1000:.1f} ms,"

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     # The periodic dispatcher (beat) and the most jobs one call dispatches per queue.
     dispatch_interval_s: float = Field(default=1.0, ge=0.1, le=60)
     dispatch_batch_max: int = Field(default=200, ge=1, le=10_000)
+    # API-key lookups are cached per API process for this long (0: no cache), at most
+    # `api_key_cache_max` keys: a key revoked in the database stops working within the TTL.
+    api_key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
+    api_key_cache_max: int = Field(default=10_000, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _renew_within_ttl(self) -> Settings:

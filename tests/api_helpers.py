@@ -155,5 +155,15 @@ def image_balance(http: TestClient, headers: Headers) -> dict[str, int]:
     return found
 
 
+def settle(http: TestClient) -> None:
+    """Wait for the app's nudger to dispatch and relay what was submitted so far (the API
+    answers at the job's commit; the dispatch follows on a background thread)."""
+    app: Any = http.app
+    assert app.state.nudger.flush(timeout_s=10), "the nudger did not finish its passes"
+
+
 def submit(http: TestClient, headers: Headers, spec: dict[str, Any] | None = None) -> Any:
-    return http.post("/v1/jobs", json={"spec": spec or TXT2IMG}, headers=headers)
+    """POST /v1/jobs, then wait for its dispatch pass (see `settle`)."""
+    res = http.post("/v1/jobs", json={"spec": spec or TXT2IMG}, headers=headers)
+    settle(http)
+    return res

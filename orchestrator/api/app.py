@@ -7,7 +7,8 @@ Service errors map to HTTP here, so routes stay thin; every error body is JSON w
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, status
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import billing
 from orchestrator import db
+from orchestrator.accounts import KeyCache
 from orchestrator.api import (
     routes_account,
     routes_admin,
@@ -37,7 +39,10 @@ from orchestrator.api.schemas import Health
 from orchestrator.faults import API_RETRY_AFTER_S
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs.images import InvalidImage, UnknownImage
+from orchestrator.scheduling.dispatch import get_publisher
+from orchestrator.scheduling.nudger import Nudger
 from orchestrator.settings import get_settings
+from orchestrator.ttl_cache import TtlCache
 from orchestrator.tunes import service as tunes
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,7 @@ its outputs; a job is charged only for delivered outputs and refunded otherwise.
 
 Errors are JSON `{"detail": ...}`; a 422 names the offending `field` (an unknown field in a
 job spec too), a 402 says `needed` and `available`."""
+QUEUE_POSITION_TTL_S = 1.0
 # FastAPI's answer to a body it cannot decode (not UTF-8, for one): a 400 without a field.
 UNPARSABLE_BODY = "There was an error parsing the body"
 
@@ -148,6 +154,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     unavailable.install(app)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.nudger.stop()  # the last submits' dispatch and relay (else beat sends them)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="Tollgate",
@@ -155,7 +167,13 @@ def create_app() -> FastAPI:
         description=DESCRIPTION,
         docs_url=None,
         redoc_url=None,
+        lifespan=_lifespan,
     )
+    settings = get_settings()
+    app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s, settings.api_key_cache_max)
+    app.state.nudger = Nudger(db.get_engine, get_publisher)
+    # A queued job's {position, eta_s}: the fair order's position is worth a second's age.
+    app.state.queue_positions = TtlCache[dict[str, Any]](QUEUE_POSITION_TTL_S, 10_000)
     install_docs(app)
     _install_error_handlers(app)
     app.include_router(routes_jobs.router)

@@ -25,7 +25,7 @@ from starlette.types import Message
 import billing
 from billing.db import run_transaction
 from orchestrator.api import output_urls
-from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
+from orchestrator.api.deps import AccountId, EngineDep, NudgerDep, PublisherDep, StorageDep
 from orchestrator.api.docs import error, job_id_param, ok, responses, spec_examples
 from orchestrator.api.examples import JOB_EXAMPLE
 from orchestrator.api.schemas import (
@@ -45,6 +45,7 @@ from orchestrator.scheduling.queues import queue_info
 from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage
 from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN, images
+from orchestrator.ttl_cache import TtlCache
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=UNAVAILABLE_RESPONSES)
 
@@ -105,7 +106,7 @@ def submit_job(
     account_id: AccountId,
     engine: EngineDep,
     storage: StorageDep,
-    publish: PublisherDep,
+    nudger: NudgerDep,
     response: Response,
     idempotency_key: Annotated[
         str | None, Header(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_LEN)
@@ -113,7 +114,8 @@ def submit_job(
 ) -> dict[str, Any]:
     """Submit a job: `{"spec": {...}, "callback_url": ...}`, or a bare spec. It is priced,
     the credits are held, and it is queued. With `Idempotency-Key`, retrying the same body
-    returns the same job (200); another body under that key is a 409."""
+    returns the same job (200); another body under that key is a 409. The answer comes at
+    the job's commit; its dispatch and relay follow on the process's nudger thread."""
     events: list[str] | None = None
     if isinstance(body, JobRequest):
         spec, callback_url, events = body.spec, body.callback_url, body.webhook_events_filter
@@ -127,8 +129,9 @@ def submit_job(
         idempotency_key=idempotency_key,
         callback_url=callback_url,
         webhook_events_filter=events,
+        account_known=True,
     )
-    nudge(engine, publish, submitted.job["id"])
+    nudger.poke(submitted.job["id"])
     if not submitted.created:
         response.status_code = status.HTTP_200_OK
     return submitted.job
@@ -171,12 +174,18 @@ def get_job(
     """A job. Each stored output has a `url` that works without an API key until its
     `expires_at` (TOLLGATE_OUTPUT_URL_TTL_S): presigned on S3, HMAC-signed
     /v1/outputs/... on local storage. `webhook` shows the last callback delivery. While it
-    waits for a worker slot, `queue: {position, eta_s}`."""
+    waits for a worker slot, `queue: {position, eta_s}` (computed at most once a second per
+    API process: QUEUE_POSITION_TTL_S)."""
     sign = output_urls.signer(storage, output_urls.base_url(request))
     job = jobs.get(engine, account_id, job_id, sign)
     if job["status"] in (states.QUEUED, states.RENDERING):
+        positions: TtlCache[dict[str, Any]] = request.app.state.queue_positions
+        job["queue"] = positions.get(job_id)
         redis = getattr(publish, "redis", None)
-        job["queue"] = queue_info(engine, redis, job_id) if redis is not None else None
+        if job["queue"] is None and redis is not None:
+            job["queue"] = queue_info(engine, redis, job_id)
+            if job["queue"] is not None:
+                positions.put(job_id, job["queue"])
     return job
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.engine import Row
 
 from billing import InsufficientCredits, InvalidJobSpec, ledger
@@ -79,6 +79,15 @@ def request_hash(spec: Any, callback_url: str | None, events: list[str] | None =
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+# Built once: a statement's construction costs more than its execution on the hot path.
+INSERT_JOB: Final = insert(jobs).returning(*jobs.c)
+JOB_BY_ID: Final = select(jobs).where(jobs.c.id == bindparam("job_id"))
+JOB_BY_KEY: Final = select(jobs).where(
+    jobs.c.account_id == bindparam("account_id"),
+    jobs.c.idempotency_key == bindparam("idempotency_key"),
+)
+
+
 def _insert_job(
     conn: Connection,
     job_id: str,
@@ -89,23 +98,20 @@ def _insert_job(
     now: datetime,
     **values: Any,
 ) -> Row[Any]:
-    return conn.execute(
-        insert(jobs)
-        .values(
-            id=job_id,
-            account_id=account_id,
-            type=str(spec.get("type", "unknown"))[:20],
-            spec=spec,
-            status=status,
-            outputs=[],
-            source=source,
-            created_at=now,
-            updated_at=now,
-            attempt=0,
-            **values,
-        )
-        .returning(*jobs.c)
-    ).one()
+    params = {
+        "id": job_id,
+        "account_id": account_id,
+        "type": str(spec.get("type", "unknown"))[:20],
+        "spec": spec,
+        "status": status,
+        "outputs": [],
+        "source": source,
+        "created_at": now,
+        "updated_at": now,
+        "attempt": 0,
+        **values,
+    }
+    return conn.execute(INSERT_JOB, params).one()
 
 
 def _resolve_image_input(
@@ -130,6 +136,7 @@ def submit(
     webhook_events_filter: Any = None,
     source: str = "http",
     job_id: str | None = None,
+    account_known: bool = False,
 ) -> Submitted:
     """Price, hold and enqueue a job. Raises InvalidJobSpec (bad spec, nothing recorded),
     IdempotencyConflict, UnknownAccount, or JobRejected (insufficient credits: a `rejected`
@@ -137,7 +144,9 @@ def submit(
 
     `job_id`: the id to use (the intake derives one per stream message, so a replay of a
     message finds the job, or the rejection, it already recorded). A rerun of the
-    transaction after a lost commit answer finds its own row by id too."""
+    transaction after a lost commit answer finds its own row by id too.
+    `account_known`: the caller knows the account exists (an API key of it was just
+    checked; accounts are never deleted), so its row is not read first."""
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX_LEN:
         raise InvalidJobSpec("idempotency_key", f"must be 1..{IDEMPOTENCY_KEY_MAX_LEN} characters")
     callback_url = specs.validate_callback_url(callback_url)
@@ -147,11 +156,8 @@ def submit(
     def existing(conn: Connection) -> Row[Any] | None:
         if idempotency_key is None:
             return None
-        row = conn.execute(
-            select(jobs).where(
-                jobs.c.account_id == account_id, jobs.c.idempotency_key == idempotency_key
-            )
-        ).first()
+        params = {"account_id": account_id, "idempotency_key": idempotency_key}
+        row = conn.execute(JOB_BY_KEY, params).first()
         if row is not None and row.request_hash != digest:
             raise IdempotencyConflict(
                 f"idempotency key {idempotency_key!r} was used with a different request"
@@ -165,13 +171,19 @@ def submit(
     except InvalidJobSpec:
         run_transaction(engine, existing)  # a reused key with another body is a 409 first
         raise
+    # A fresh id cannot have a row yet on the first attempt; a rerun (after a lost commit
+    # answer) and a caller's id (a replayed message) look for it.
+    fresh = job_id is None
     job_id = job_id or new_job_id()
+    attempts = 0
 
     def work(conn: Connection) -> Row[Any]:
+        nonlocal attempts
+        attempts += 1
         again = existing(conn)
         if again is not None:  # a replay, or a concurrent retry that won the race
             return again
-        own = _own_row(conn, job_id, account_id)
+        own = None if fresh and attempts == 1 else _own_row(conn, job_id, account_id)
         if own is not None:
             if own.status == states.REJECTED:  # this message was refused before
                 raise InsufficientCredits(
@@ -180,7 +192,8 @@ def submit(
                     ledger.get_balance(conn, account_id, own.credit_kind).available,
                 )
             return own  # this very submit committed before (the answer was lost)
-        ledger.get_account(conn, account_id)
+        if not account_known:
+            ledger.get_account(conn, account_id)  # UnknownAccount before any insert
         spec_ = dict(normalised)
         kind = kinds.kind_for(spec_["type"])
         if kind.before_insert is not None:
@@ -241,7 +254,7 @@ def submit(
 
 
 def _own_row(conn: Connection, job_id: str, account_id: str) -> Row[Any] | None:
-    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    row = conn.execute(JOB_BY_ID, {"job_id": job_id}).first()
     if row is not None and row.account_id != account_id:
         raise OrchestratorError(f"job id {job_id} belongs to another account")
     return row
@@ -291,13 +304,12 @@ def get(
     outputs expiring URLs (records.view)."""
 
     def work(conn: Connection) -> dict[str, Any] | None:
-        stmt = select(jobs).where(jobs.c.id == job_id)
-        if account_id is not None:
-            stmt = stmt.where(jobs.c.account_id == account_id)
-        row = conn.execute(stmt).first()
-        if row is None:
+        row = conn.execute(JOB_BY_ID, {"job_id": job_id}).first()
+        if row is None or (account_id is not None and row.account_id != account_id):
             return None
-        return {**view(row, sign), "attempts": leases.attempts(conn, job_id)}
+        # An attempt starts with the job's start (execution.protocol): none before.
+        attempts = leases.attempts(conn, job_id) if row.started_at is not None else []
+        return {**view(row, sign), "attempts": attempts}
 
     found = run_transaction(engine, work)
     if found is None:

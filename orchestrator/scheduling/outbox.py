@@ -25,10 +25,14 @@ RELAY_BATCH_MAX: Final = 200
 Publisher = Callable[[str, dict[str, Any]], None]
 
 
+INSERT_MESSAGE: Final = insert(outbox)  # built once: every submit writes one
+
+
 def add(conn: Connection, topic: str, job_id: str | None, payload: dict[str, Any]) -> None:
     assert topic in TOPICS, topic
     conn.execute(
-        insert(outbox).values(topic=topic, job_id=job_id, payload=payload, created_at=utcnow())
+        INSERT_MESSAGE,
+        {"topic": topic, "job_id": job_id, "payload": payload, "created_at": utcnow()},
     )
 
 

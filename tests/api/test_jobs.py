@@ -10,14 +10,19 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 
 from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.execution import protocol as execution
 from orchestrator.jobs import states
+from orchestrator.scheduling.dispatch import Publisher
+from orchestrator.scheduling.nudger import Nudger
+from orchestrator.scheduling.outbox import relay
+from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage
 from orchestrator.tables import jobs as jobs_table
+from orchestrator.tables import outbox
 from tests.api_helpers import (
     ADMIN,
     TXT2IMG,
@@ -26,6 +31,7 @@ from tests.api_helpers import (
     image_balance,
     image_bytes,
     make_account,
+    settle,
     submit,
 )
 
@@ -103,6 +109,7 @@ def test_submit_holds_credits_and_returns_the_job(
     assert got.status_code == 200 and got.json()["status"] == states.DISPATCHED  # relayed
     bare = client.post("/v1/jobs", json=TXT2IMG, headers=user[1])  # a bare spec works too
     assert bare.status_code == 202
+    settle(client)  # its dispatch and relay run on the nudger thread
     listed = client.get("/v1/jobs", params={"status": "dispatched"}, headers=user[1]).json()
     assert [j["id"] for j in listed["jobs"]] == [bare.json()["id"], job["id"]]
     assert (
@@ -279,3 +286,26 @@ def test_cancel_of_a_job_whose_lease_expired_ends_it_at_once_and_lists_attempts(
     # The worker was not dead after all: its late result is recorded, never charged.
     assert execution.finish(pg_engine, attempt, states.SUCCEEDED) == states.CANCELED
     assert client.get(f"/v1/jobs/{job_id}", headers=user[1]).json()["charged"] == 0
+
+
+def test_a_submit_is_committed_before_its_answer_and_beat_dispatches_it_without_the_nudger(
+    client: TestClient, user: tuple[str, Headers], pg_engine: Engine, redis_url: str
+) -> None:
+    app: Any = client.app
+    saved = app.state.nudger
+    app.state.nudger = Nudger(lambda: pg_engine, lambda: Publisher(redis_url))
+    app.state.nudger.stop()  # as if the process died right after its answer: no pass runs
+    try:
+        res = client.post("/v1/jobs", json={"spec": TXT2IMG}, headers=user[1])
+    finally:
+        app.state.nudger = saved
+    assert res.status_code == 202, res.text
+    job_id = res.json()["id"]
+    waiting = select(outbox.c.topic).where(
+        outbox.c.job_id == job_id, outbox.c.published_at.is_(None)
+    )
+    assert run_transaction(pg_engine, lambda c: c.execute(waiting).scalars().all()) == ["event"]
+    nudge(pg_engine, Publisher(redis_url))  # beat's periodic dispatcher
+    relay(pg_engine, Publisher(redis_url))  # and its re-publisher
+    assert run_transaction(pg_engine, lambda c: c.execute(waiting).all()) == []
+    assert client.get(f"/v1/jobs/{job_id}", headers=user[1]).json()["status"] == "dispatched"

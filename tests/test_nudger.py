@@ -1,0 +1,84 @@
+"""The API's background nudger (orchestrator.scheduling.nudger): pokes made while a pass
+runs are coalesced into the next one, every poked job is relayed exactly once, a failed
+pass does not end the thread, and the pending set is bounded."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from billing.db import run_transaction
+from orchestrator.jobs import service as jobs
+from orchestrator.scheduling import scheduler
+from orchestrator.scheduling.dispatch import Publisher
+from orchestrator.scheduling.nudger import Nudger
+from orchestrator.storage import Storage
+from orchestrator.tables import outbox
+from tests.intake_helpers import TXT2IMG
+from tests.ledger_helpers import grant, new_account
+
+
+def _unpublished(engine: Engine, job_ids: list[str]) -> int:
+    stmt = select(outbox.c.id).where(outbox.c.job_id.in_(job_ids), outbox.c.published_at.is_(None))
+    return len(run_transaction(engine, lambda c: c.execute(stmt).all()))
+
+
+def test_pokes_during_a_pass_are_coalesced_and_each_job_relayed_once(
+    pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    account = new_account(pg_engine)
+    grant(pg_engine, account, 20)
+    passes: list[list[str]] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def nudge(engine: Engine, publish: Any, ids: list[str]) -> list[str]:
+        passes.append(list(ids))
+        first_started.set()
+        release.wait(10)
+        return scheduler.nudge(engine, publish, ids)
+
+    nudger = Nudger(lambda: pg_engine, lambda: Publisher(redis_url), nudge=nudge)
+    ids = [jobs.submit(pg_engine, storage, account, TXT2IMG).job["id"] for _ in range(12)]
+    nudger.poke(ids[0])
+    assert first_started.wait(10)
+    for job_id in ids[1:]:  # all while the first pass is blocked
+        nudger.poke(job_id)
+    release.set()
+    assert nudger.flush(10)
+    assert passes == [ids[:1], ids[1:]]  # one pass for the eleven pokes made meanwhile
+    assert _unpublished(pg_engine, ids) == 0
+    nudger.stop()
+
+
+def test_a_failed_pass_keeps_the_thread_and_a_full_queue_counts_what_it_drops(
+    pg_engine: Engine, storage: Storage, redis_url: str
+) -> None:
+    account = new_account(pg_engine)
+    grant(pg_engine, account, 20)
+    calls: list[list[str]] = []
+    gate = threading.Event()
+
+    def nudge(engine: Engine, publish: Any, ids: list[str]) -> list[str]:
+        calls.append(list(ids))
+        gate.wait(10)
+        if len(calls) == 1:
+            raise RuntimeError("the database went away")
+        return scheduler.nudge(engine, publish, ids)
+
+    nudger = Nudger(lambda: pg_engine, lambda: Publisher(redis_url), nudge=nudge, pending_max=2)
+    ids = [jobs.submit(pg_engine, storage, account, TXT2IMG).job["id"] for _ in range(4)]
+    nudger.poke(ids[0])  # this pass fails
+    while not calls:
+        threading.Event().wait(0.01)
+    nudger.poke(ids[1:])  # the first pass still runs: two fit, one is dropped
+    gate.set()
+    assert nudger.flush(10)
+    assert nudger.dropped == 1 and calls == [ids[:1], ids[1:3]]
+    assert _unpublished(pg_engine, ids) == 2  # the failed pass's and the dropped one: beat's
+    scheduler.nudge(pg_engine, Publisher(redis_url), ids)  # what beat's dispatcher does
+    assert _unpublished(pg_engine, ids) == 0
+    nudger.stop()
+    nudger.poke(ids[0])  # after stop: ignored
+    assert nudger.passes == 2
