@@ -4,8 +4,10 @@ starting over. The training worker saves every periodic checkpoint here (replaci
 one object per tune), settle_training deletes it when training ends however it ends, and
 the retention sweep deletes any left over when it deletes the tune's weights.
 
-A synchronous PUT per checkpoint (`checkpoint_every` = steps / 10): about the size of the
-LoRA weights times three (weights plus AdamW's two moments, fp32)."""
+A failed PUT or GET is logged and training goes on (from the older stored checkpoint, or
+from the start); a checkpoint over `CHECKPOINT_MAX_BYTES` raises CheckpointTooLarge (a valid
+spec never makes one). One synchronous PUT per checkpoint (`checkpoint_every` = steps / 10) of
+about three times the LoRA (weights plus AdamW's two moments, fp32): docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -47,13 +49,26 @@ class StoredCheckpoint:
                 f"the training checkpoint at step {step} is {size} bytes, over the"
                 f" {self.max_bytes}-byte limit for checkpoints kept in storage"
             )
-        self.storage.put(self.key, path.read_bytes())
+        try:
+            self.storage.put(self.key, path.read_bytes())
+        except Exception as exc:  # the copy is a saving, not a result: training goes on
+            log.warning(
+                "could not store the training checkpoint of step %d at %s (%s); the stored"
+                " one, if any, stays the older one",
+                step,
+                self.key,
+                exc,
+            )
+            return
         log.info("stored the training checkpoint of step %d (%d bytes) at %s", step, size, self.key)
 
     def fetch(self, dest: Path) -> Path | None:
         try:
             return self.storage.download_to(self.key, dest)
         except FileNotFoundError:
+            return None
+        except Exception as exc:  # unreachable storage: start over rather than fail
+            log.warning("could not fetch the training checkpoint %s (%s)", self.key, exc)
             return None
 
     def delete(self) -> None:

@@ -124,3 +124,19 @@ def test_save_fetch_delete_and_the_size_limit(any_storage: Storage, tmp_path: Pa
     assert got is not None and got.read_bytes() == b"y" * 7
     StoredCheckpoint(any_storage, "t").delete()
     assert not any_storage.exists(checkpoint_key("t"))
+
+
+def test_a_failed_put_or_get_is_logged_and_training_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = Storage(str(tmp_path / "storage"))
+    (tmp_path / "storage/tunes").write_text("a file where the folder goes")
+    path = tmp_path / "checkpoint-3.pt"
+    path.write_bytes(b"x")
+    store = StoredCheckpoint(storage, "t")
+    store.save(path, 3)
+    assert "could not store the training checkpoint of step 3" in caplog.text
+    (tmp_path / "storage/tunes").unlink()
+    (tmp_path / "storage/tunes/t/checkpoint.pt").mkdir(parents=True)  # unreadable as a file
+    assert store.fetch(tmp_path / "got.pt") is None
+    assert "could not fetch the training checkpoint" in caplog.text
