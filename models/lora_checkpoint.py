@@ -5,8 +5,8 @@ worker passes one backed by the job's storage) so that a run redelivered to anot
 resumes too.
 
 Reading a checkpoint: one that cannot be read or is incomplete is ignored with a log line
-(training starts over); one made with a different training config is rejected
-(:class:`~models.errors.InvalidRequest`)."""
+(training starts over), and so is one made with a different training config (two workers
+set up differently, say): that is no fault of the job's own, so it never fails the job."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-
-from models.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from models.lora import LoraTrainConfig
@@ -89,7 +87,7 @@ def save_checkpoint(
 
 def read_checkpoint(path: Path, cfg: LoraTrainConfig, unet: Any, gen: Any) -> dict[str, Any] | None:
     """The checkpoint's state if it is whole and fits this run; None (logged) if unreadable
-    or incomplete; InvalidRequest if it was made with a different training config."""
+    or incomplete, or made with a different training config."""
     import torch
     from peft.utils import get_peft_model_state_dict
 
@@ -102,7 +100,12 @@ def read_checkpoint(path: Path, cfg: LoraTrainConfig, unet: Any, gen: Any) -> di
         log.warning("ignoring unreadable LoRA checkpoint %s (%s); training starts over", path, exc)
         return None
     if config != json.loads(config_json(cfg)):
-        raise InvalidRequest(f"checkpoint {path} was made with a different training config")
+        log.warning(
+            "ignoring LoRA checkpoint %s: made with a different training config; "
+            "training starts over",
+            path,
+        )
+        return None
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet).items()}
     problem = None
     if not 0 < step <= cfg.steps or len(losses) != step:
