@@ -1,15 +1,23 @@
-"""Admission by capacity, in fair order (the order itself: orchestrator.scheduling.fairness).
+"""Admission by capacity, in fair order (the order itself: orchestrator.scheduling.fairness;
+a flow's counters in SQL: orchestrator.scheduling.flows).
 
 - `enqueue(conn, ...)`: in the caller's transaction (submit, a tune's next phase, a
-  requeue), a job phase joins `dispatch_queue` as `queued`; its account's flow is updated.
+  requeue), a job phase joins `dispatch_queue` as `queued`: two statements (the entry, and
+  one upsert of its account's flow).
 - `release(conn, job_id)`: in the transaction that ends the phase (any settle, cancel,
-  expiry), the entry is deleted and its slot (or its place in line) given back.
-- `dispatch_once(engine, redis)`: per queue with live workers, ONE transaction under the
-  queue's row lock (PostgreSQL; SQLite's BEGIN IMMEDIATE serialises it anyway): free =
-  live slots + buffer - dispatched; the first `free` eligible flows by key are read
-  (O(picks) rows of an index, whatever the backlog), the fair picks are marked
-  `dispatched` and their Celery tasks written to the outbox. A crash before commit changes
-  nothing; after it, the outbox publishes (at least once). Run after a submit, when a job
+  expiry), the entry is deleted and its slot (or its place in line) given back: two
+  statements.
+- `dispatch_once(engine, redis)`: per pool of queues that share live workers
+  (slots.pools: a worker's concurrency counts once), ONE transaction under the pool's
+  queue-row locks (PostgreSQL; SQLite's BEGIN IMMEDIATE serialises it anyway), which also
+  reads the jobs in flight and whether any flow is eligible: free = capacity - in flight;
+  the first `free` eligible flows by key are read (O(picks) rows of an index, whatever
+  the backlog), the fair picks are marked `dispatched` and their Celery tasks written to
+  the outbox, all in a few batched statements. A crash before commit changes nothing;
+  after it, the outbox publishes (at least once). Given `publish` (the nudge), the tasks
+  are sent just before COMMIT and their outbox rows written as published: no relay
+  transaction; a COMMIT that then fails leaves a task whose job is still `queued`, which
+  the worker takes as sent around the scheduler (`taken`). Run after a submit, when a job
   ends (`nudge`) and every `dispatch_interval_s` from beat, so nothing depends on a nudge.
 """
 
@@ -24,52 +32,42 @@ from datetime import datetime
 from functools import lru_cache, partial
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 
 from billing.clock import utcnow
 from billing.db import run_transaction
-from billing.tables import accounts
+from orchestrator.db import commit_without_flush_wait
 from orchestrator.jobs.families import FAMILIES, family_for
-from orchestrator.scheduling import fairness, slots
-from orchestrator.settings import Settings, get_settings
-from orchestrator.tables import (
-    account_limits,
-    dispatch_queue,
-    jobs,
-    outbox,
-    sched_flows,
-    sched_queues,
-)
+from orchestrator.scheduling import fairness, flows, slots
+from orchestrator.scheduling.flows import plan_cap, plan_weight
+from orchestrator.settings import get_settings
+from orchestrator.tables import dispatch_queue, jobs, outbox, sched_flows, sched_queues
 
 log = logging.getLogger(__name__)
 
 FAMILY_QUEUES: Final = frozenset(f.queue for f in FAMILIES.values())
 QUEUED: Final = "queued"
 DISPATCHED: Final = "dispatched"
+__all__ = ["plan_cap", "plan_weight", "enqueue", "release", "taken", "dispatch_once", "nudge"]
 
-
-def plan_weight(settings: Settings, plan: str) -> float:
-    return float(getattr(settings, f"plan_weight_{plan}", settings.plan_weight_free))
-
-
-def plan_cap(settings: Settings, plan: str) -> int:
-    return int(getattr(settings, f"plan_running_cap_{plan}", settings.plan_running_cap_free))
+Publish = Callable[[str, dict[str, Any]], None]
 
 
 def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any]) -> None:
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     conn.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
-
-
-def _vtime(conn: Connection, queue: str, *, lock: bool = False) -> float:
-    stmt = select(sched_queues.c.vtime).where(sched_queues.c.queue == queue)
-    value = conn.execute(stmt.with_for_update() if lock else stmt).scalar()
-    if value is None:
-        _insert_ignore(conn, sched_queues, {"queue": queue, "vtime": 0.0})
-        value = conn.execute(stmt.with_for_update() if lock else stmt).scalar_one()
-    return float(value)
 
 
 def _as_flow(row: Row[Any]) -> fairness.Flow:
@@ -82,78 +80,6 @@ def _as_flow(row: Row[Any]) -> fairness.Flow:
         row.finish_tag,
         row.head_tag,
         row.head_since_s,
-    )
-
-
-def _limits(conn: Connection, account_id: str, settings: Settings) -> tuple[str, float, int]:
-    row = conn.execute(
-        select(accounts.c.plan, account_limits.c.running_cap)
-        .select_from(accounts.outerjoin(account_limits))
-        .where(accounts.c.id == account_id)
-    ).one()
-    cap = row.running_cap if row.running_cap is not None else plan_cap(settings, row.plan)
-    return row.plan, plan_weight(settings, row.plan), cap
-
-
-def _lock_flow(conn: Connection, queue: str, account_id: str) -> Row[Any]:
-    stmt = (
-        select(sched_flows)
-        .where(sched_flows.c.queue == queue, sched_flows.c.account_id == account_id)
-        .with_for_update()
-    )
-    row = conn.execute(stmt).first()
-    if row is None:
-        plan, weight, cap = _limits(conn, account_id, get_settings())
-        _insert_ignore(
-            conn,
-            sched_flows,
-            {
-                "queue": queue,
-                "account_id": account_id,
-                "plan": plan,
-                "weight": weight,
-                "cap": cap,
-                "running": 0,
-                "queued": 0,
-                "finish_tag": 0.0,
-                "head_tag": 0.0,
-                "head_since_s": 0.0,
-                "sort_key": 0.0,
-                "eligible": False,
-            },
-        )
-        row = conn.execute(stmt).one()
-    return row
-
-
-def _store_flow(
-    conn: Connection,
-    queue: str,
-    before: fairness.Flow,
-    after: fairness.Flow,
-    vtime: float | None,
-    now_s: float,
-    **values: Any,
-) -> None:
-    """Write a flow whose counts changed; a flow that becomes eligible enters at max(V, F)."""
-    if after.eligible and not before.eligible:
-        if vtime is None:  # read only when needed (most writes keep the head as it is)
-            vtime = _vtime(conn, queue)
-        after = fairness.entering(after, vtime, now_s)
-    aging = get_settings().sched_aging_per_s
-    conn.execute(
-        update(sched_flows)
-        .where(sched_flows.c.queue == queue, sched_flows.c.account_id == after.account_id)
-        .values(
-            running=max(0, after.running),
-            queued=max(0, after.queued),
-            finish_tag=after.finish_tag,
-            head_tag=after.head_tag,
-            head_since_s=after.head_since_s,
-            sort_key=fairness.sort_key(after.head_tag, after.head_since_s, aging),
-            eligible=after.eligible,
-            **values,
-        )
     )
 
 
@@ -175,13 +101,9 @@ def enqueue(
     )
     if entry is not None and entry.state == QUEUED and entry.task == task:
         return
-    now_s = now.timestamp()
     if entry is not None and entry.task != task:
         release(conn, job_id, now)
         entry = None
-    row = _lock_flow(conn, queue, account_id)
-    before = _as_flow(row)
-    extra: dict[str, Any] = {}
     if entry is None:
         conn.execute(
             insert(dispatch_queue).values(
@@ -193,19 +115,14 @@ def enqueue(
                 enqueued_at=now,
             )
         )
-        after = replace(before, queued=before.queued + 1)
-        if before.queued == 0:  # a new backlog period: the plan and limits as they are now
-            plan, weight, cap = _limits(conn, account_id, get_settings())
-            after = replace(after, weight=weight, cap=cap)
-            extra = {"plan": plan, "weight": weight, "cap": cap}
+        flows.joined(conn, queue, account_id, now.timestamp())
     else:
         conn.execute(
             update(dispatch_queue)
             .where(dispatch_queue.c.job_id == job_id)
             .values(state=QUEUED, dispatched_at=None)
         )
-        after = replace(before, queued=before.queued + 1, running=before.running - 1)
-    _store_flow(conn, queue, before, after, None, now_s, **extra)
+        flows.joined(conn, queue, account_id, now.timestamp(), d_running=-1)
 
 
 def release(conn: Connection, job_id: str, now: datetime | None = None) -> None:
@@ -217,12 +134,11 @@ def release(conn: Connection, job_id: str, now: datetime | None = None) -> None:
     ).first()
     if gone is None:
         return
-    before = _as_flow(_lock_flow(conn, gone.queue, gone.account_id))
+    now_s = (now or utcnow()).timestamp()
     if gone.state == DISPATCHED:
-        after = replace(before, running=before.running - 1)
+        flows.change(conn, gone.queue, gone.account_id, 0, -1, now_s)
     else:
-        after = replace(before, queued=before.queued - 1)
-    _store_flow(conn, gone.queue, before, after, None, (now or utcnow()).timestamp())
+        flows.change(conn, gone.queue, gone.account_id, -1, 0, now_s)
 
 
 def taken(conn: Connection, job_id: str, now: datetime) -> None:
@@ -234,11 +150,8 @@ def taken(conn: Connection, job_id: str, now: datetime) -> None:
         .values(state=DISPATCHED, dispatched_at=now)
         .returning(dispatch_queue.c.queue, dispatch_queue.c.account_id)
     ).first()
-    if entry is None:
-        return
-    before = _as_flow(_lock_flow(conn, entry.queue, entry.account_id))
-    after = replace(before, queued=before.queued - 1, running=before.running + 1)
-    _store_flow(conn, entry.queue, before, after, None, now.timestamp())
+    if entry is not None:
+        flows.change(conn, entry.queue, entry.account_id, -1, 1, now.timestamp())
 
 
 @dataclass(frozen=True)
@@ -247,17 +160,43 @@ class Dispatched:
     waits: list[tuple[str, float]]  # (plan, seconds queued) per job
 
 
-def _dispatch_queue(conn: Connection, queue: str, capacity: int, limit: int) -> Dispatched:
-    settings = get_settings()
-    vtime = _vtime(conn, queue, lock=True)  # the queue's lock: one dispatcher at a time
-    in_flight = conn.execute(
+def _lock_queues(conn: Connection, queues: tuple[str, ...]) -> list[Row[Any]]:
+    """Lock the pool's queue rows (sorted: no deadlock between dispatchers) and read each
+    one's virtual time, jobs in flight and whether a flow is eligible: one statement."""
+    in_flight = (
         select(func.count())
         .select_from(dispatch_queue)
-        .where(dispatch_queue.c.queue == queue, dispatch_queue.c.state == DISPATCHED)
-    ).scalar_one()
-    free = min(limit, capacity - in_flight)
-    if free <= 0:
-        return Dispatched([], [])
+        .where(dispatch_queue.c.queue == sched_queues.c.queue, dispatch_queue.c.state == DISPATCHED)
+        .scalar_subquery()
+    )
+    work = exists().where(sched_flows.c.queue == sched_queues.c.queue, sched_flows.c.eligible)
+    stmt = (
+        select(sched_queues.c.queue, sched_queues.c.vtime, in_flight.label("in_flight"))
+        .add_columns(work.label("work"))
+        .where(sched_queues.c.queue.in_(queues))
+        .order_by(sched_queues.c.queue)
+        .with_for_update(of=sched_queues)
+    )
+    rows = conn.execute(stmt).all()
+    if len(rows) < len(queues):  # a queue's first dispatch: its row (V = 0)
+        for q in set(queues) - {r.queue for r in rows}:
+            _insert_ignore(conn, sched_queues, {"queue": q, "vtime": 0.0})
+        rows = conn.execute(stmt).all()
+    return rows
+
+
+@dataclass
+class _Plan:
+    """One queue's picks: accounts in order, with the second each head has waited since."""
+
+    queue: str
+    vtime: float
+    rows: dict[str, Row[Any]]
+    order: list[str]
+    since: list[float]
+
+
+def _plan_queue(conn: Connection, queue: str, vtime: float, free: int, now_s: float) -> _Plan:
     rows = conn.execute(
         select(sched_flows)
         .where(sched_flows.c.queue == queue, sched_flows.c.eligible.is_(True))
@@ -265,19 +204,34 @@ def _dispatch_queue(conn: Connection, queue: str, capacity: int, limit: int) -> 
         .limit(free)
         .with_for_update()
     ).all()
-    if not rows:
-        return Dispatched([], [])
-    now = utcnow()
-    now_s = now.timestamp()
-    aging = settings.sched_aging_per_s
-    plans = {r.account_id: r.plan for r in rows}
-    original = {r.account_id: _as_flow(r) for r in rows}
-    order = fairness.pick(list(original.values()), free, vtime, now_s, aging).order
-    wanted = Counter(order)
-    heads: dict[str, list[Row[Any]]] = {}
-    for account, count in wanted.items():
-        # SKIP LOCKED: an entry a cancel is deleting right now is not ours to dispatch.
-        heads[account] = list(
+    aging = get_settings().sched_aging_per_s
+    order = fairness.pick([_as_flow(r) for r in rows], free, vtime, now_s, aging).order
+    by = {r.account_id: r for r in rows}
+    seen: set[str] = set()
+    since = []
+    for account in order:  # a flow's next head became head when its previous one went
+        since.append(now_s if account in seen else by[account].head_since_s)
+        seen.add(account)
+    return _Plan(queue, vtime, by, order, since)
+
+
+def _share(plans: list[_Plan], free: int) -> dict[str, int]:
+    """How many of each queue's picks go now when the pool has `free` slots for all of
+    them: the longest-waiting next head first, across queues."""
+    taken_n = {p.queue: 0 for p in plans}
+    for _ in range(free):
+        ready = [p for p in plans if taken_n[p.queue] < len(p.order)]
+        if not ready:
+            break
+        best = min(ready, key=lambda p: (p.since[taken_n[p.queue]], p.queue))
+        taken_n[best.queue] += 1
+    return taken_n
+
+
+def _heads(conn: Connection, queue: str, wanted: Counter[str]) -> dict[str, list[Row[Any]]]:
+    # SKIP LOCKED: an entry a cancel is deleting right now is not ours to dispatch.
+    return {
+        account: list(
             conn.execute(
                 select(dispatch_queue)
                 .where(
@@ -290,36 +244,124 @@ def _dispatch_queue(conn: Connection, queue: str, capacity: int, limit: int) -> 
                 .with_for_update(skip_locked=True)
             ).all()
         )
-    # Replay the picks with the entries actually found (a counter that drifted is fixed).
-    flows = dict(original)
-    taken: list[Row[Any]] = []
+        for account, count in wanted.items()
+    }
+
+
+def _apply(conn: Connection, plan: _Plan, n: int, now_s: float) -> tuple[list[Row[Any]], list]:
+    """Take the plan's first `n` picks with the entries actually found (a counter that
+    drifted is fixed); returns the entries and the flows' new rows for one batched write."""
+    order = plan.order[:n]
+    wanted = Counter(order)
+    heads = _heads(conn, plan.queue, wanted)
+    original = {a: _as_flow(plan.rows[a]) for a in wanted}
+    state = dict(original)
+    vtime = plan.vtime
+    entries: list[Row[Any]] = []
     used: Counter[str] = Counter()
     for account in order:
         if used[account] >= len(heads[account]):
             continue
-        taken.append(heads[account][used[account]])
+        entries.append(heads[account][used[account]])
         used[account] += 1
-        flows[account], vtime = fairness.dispatched(flows[account], vtime, now_s)
-    for account, flow in flows.items():
-        if len(heads.get(account, [])) < wanted.get(account, 0):
+        state[account], vtime = fairness.dispatched(state[account], vtime, now_s)
+    aging = get_settings().sched_aging_per_s
+    writes = []
+    for account, flow in state.items():
+        if len(heads[account]) < wanted[account]:  # fewer entries than the counter said
             real = conn.execute(
                 select(func.count())
                 .select_from(dispatch_queue)
                 .where(
-                    dispatch_queue.c.queue == queue,
+                    dispatch_queue.c.queue == plan.queue,
                     dispatch_queue.c.account_id == account,
                     dispatch_queue.c.state == QUEUED,
                 )
             ).scalar_one()
             flow = replace(flow, queued=real)
         if flow != original[account]:
-            _store_flow(conn, queue, original[account], flow, vtime, now_s)
-    if not taken:
+            writes.append(
+                {
+                    "b_queue": plan.queue,
+                    "b_account": account,
+                    "b_running": max(0, flow.running),
+                    "b_queued": max(0, flow.queued),
+                    "b_finish": flow.finish_tag,
+                    "b_head": flow.head_tag,
+                    "b_since": flow.head_since_s,
+                    "b_key": fairness.sort_key(flow.head_tag, flow.head_since_s, aging),
+                    "b_eligible": flow.eligible,
+                }
+            )
+    plan.vtime = vtime
+    return entries, writes
+
+
+FLOW_WRITE: Final = (
+    update(sched_flows)
+    .where(
+        sched_flows.c.queue == bindparam("b_queue"),
+        sched_flows.c.account_id == bindparam("b_account"),
+    )
+    .values(
+        running=bindparam("b_running"),
+        queued=bindparam("b_queued"),
+        finish_tag=bindparam("b_finish"),
+        head_tag=bindparam("b_head"),
+        head_since_s=bindparam("b_since"),
+        sort_key=bindparam("b_key"),
+        eligible=bindparam("b_eligible"),
+    )
+)
+VTIME_WRITE: Final = (
+    update(sched_queues)
+    .where(sched_queues.c.queue == bindparam("b_queue"))
+    .values(vtime=bindparam("b_vtime"))
+)
+
+
+def _dispatch_pool(
+    conn: Connection,
+    pool: slots.Pool,
+    limit: int,
+    publish: Publish | None = None,
+    sent: set[str] | None = None,
+) -> Dispatched:
+    """One pool's dispatch decision and its writes, in the caller's transaction."""
+    locked = _lock_queues(conn, pool.queues)
+    free = min(limit, pool.capacity - sum(r.in_flight for r in locked))
+    if free <= 0 or not any(r.work for r in locked):
         return Dispatched([], [])
-    ids = [t.job_id for t in taken]
+    now = utcnow()
+    now_s = now.timestamp()
+    plans = []
+    for r in locked:
+        room = min(free, pool.slots.get(r.queue, 0) - r.in_flight)
+        if r.work and room > 0:
+            plans.append(_plan_queue(conn, r.queue, float(r.vtime), room, now_s))
+    share = _share(plans, free) if len(plans) > 1 else {p.queue: free for p in plans}
+    taken_rows: list[Row[Any]] = []
+    flow_writes: list[dict[str, Any]] = []
+    vtimes = []
+    plan_of: dict[tuple[str, str], str] = {}
+    for plan in plans:
+        if share.get(plan.queue, 0) <= 0:
+            continue
+        before = plan.vtime
+        entries, writes = _apply(conn, plan, share[plan.queue], now_s)
+        taken_rows += entries
+        flow_writes += writes
+        plan_of |= {(plan.queue, a): r.plan for a, r in plan.rows.items()}
+        if plan.vtime != before:
+            vtimes.append({"b_queue": plan.queue, "b_vtime": plan.vtime})
+    if flow_writes:
+        conn.execute(FLOW_WRITE, flow_writes)
+    if not taken_rows:
+        return Dispatched([], [])
+    ids = [t.job_id for t in taken_rows]
     conn.execute(
         update(dispatch_queue)
-        .where(dispatch_queue.c.id.in_([t.id for t in taken]))
+        .where(dispatch_queue.c.id.in_([t.id for t in taken_rows]))
         .values(state=DISPATCHED, dispatched_at=now)
     )
     conn.execute(
@@ -327,6 +369,9 @@ def _dispatch_queue(conn: Connection, queue: str, capacity: int, limit: int) -> 
         .where(jobs.c.id.in_(ids), jobs.c.status == QUEUED)
         .values(status=DISPATCHED, updated_at=now)
     )
+    if vtimes:
+        conn.execute(VTIME_WRITE, vtimes)
+    published = _publish(publish, taken_rows, sent) if publish is not None else set()
     conn.execute(
         insert(outbox),
         [
@@ -335,48 +380,61 @@ def _dispatch_queue(conn: Connection, queue: str, capacity: int, limit: int) -> 
                 "job_id": t.job_id,
                 "payload": {"job_id": t.job_id, "type": t.task},
                 "created_at": now,
+                "published_at": now if t.job_id in published else None,
             }
-            for t in taken
+            for t in taken_rows
         ],
     )
-    conn.execute(update(sched_queues).where(sched_queues.c.queue == queue).values(vtime=vtime))
-    waits = [(plans[t.account_id], (now - t.enqueued_at).total_seconds()) for t in taken]
+    if publish is not None:  # what this transaction wrote is safe to lose (see the docstring)
+        commit_without_flush_wait(conn)
+    waits = [
+        (plan_of[(t.queue, t.account_id)], (now - t.enqueued_at).total_seconds())
+        for t in taken_rows
+    ]
     return Dispatched(ids, waits)
 
 
-def _with_work(engine: Engine, queues: list[str]) -> list[str]:
-    """The queues among `queues` with an eligible flow (one index read, no locks): a
-    nudge after each job then costs one statement for every queue with nothing to do."""
-    if not queues:
-        return []
-
-    def work(conn: Connection) -> list[str]:
-        return [
-            q
-            for q in queues
-            if conn.execute(
-                select(sched_flows.c.queue)
-                .where(sched_flows.c.queue == q, sched_flows.c.eligible.is_(True))
-                .limit(1)
-            ).first()
-            is not None
-        ]
-
-    return run_transaction(engine, work)
+def _publish(publish: Publish, entries: list[Row[Any]], sent: set[str] | None) -> set[str]:
+    """Send the tasks (before COMMIT); a failure leaves the rest to the re-publisher.
+    `sent` remembers what an earlier attempt of the same transaction already sent."""
+    done: set[str] = set()
+    for t in entries:
+        if sent is not None and t.job_id in sent:
+            done.add(t.job_id)
+            continue
+        try:
+            publish("dispatch", {"job_id": t.job_id, "type": t.task})
+        except Exception:
+            log.warning("dispatch publish failed; the re-publisher will send it", exc_info=True)
+            break
+        done.add(t.job_id)
+        if sent is not None:
+            sent.add(t.job_id)
+    return done
 
 
-def dispatch_once(engine: Engine, redis: Any, limit: int | None = None) -> list[str]:
-    """Dispatch what the live slots allow, in fair order, one transaction per queue.
-    Returns the job ids dispatched (their tasks are in the outbox)."""
+def _dispatch_queue(
+    conn: Connection, queue: str, capacity: int, limit: int, publish: Publish | None = None
+) -> Dispatched:
+    """One queue served alone by `capacity` slots (benchmarks, tests)."""
+    return _dispatch_pool(conn, slots.Pool((queue,), {queue: capacity}, capacity), limit, publish)
+
+
+def dispatch_once(
+    engine: Engine, redis: Any, limit: int | None = None, publish: Publish | None = None
+) -> list[str]:
+    """Dispatch what the live slots allow, in fair order, one transaction per pool of
+    queues. Returns the job ids dispatched (their tasks are in the outbox; sent and marked
+    published already when `publish` is given)."""
     settings = get_settings()
     limit = limit or settings.dispatch_batch_max
-    live = slots.slots_per_queue(slots.live(redis), settings.sched_slot_buffer_per_worker)
-    capacity = {q: n for q, n in live.items() if q in FAMILY_QUEUES}  # not callbacks etc.
+    pools = slots.pools(slots.live(redis), settings.sched_slot_buffer_per_worker, FAMILY_QUEUES)
     out: list[str] = []
     waits: list[tuple[str, float]] = []
-    for queue in _with_work(engine, sorted(capacity)):
+    for pool in pools:
+        sent: set[str] = set()
         done = run_transaction(
-            engine, partial(_dispatch_queue, queue=queue, capacity=capacity[queue], limit=limit)
+            engine, partial(_dispatch_pool, pool=pool, limit=limit, publish=publish, sent=sent)
         )
         out += done.job_ids
         waits += done.waits
@@ -395,26 +453,22 @@ def _redis_for(url: str) -> Any:
     return redis.Redis.from_url(url, decode_responses=True)
 
 
-Publish = Callable[[str, dict[str, Any]], None]
-
-
 def nudge(engine: Engine, publish: Publish, job_ids: str | Iterable[str] = ()) -> list[str]:
     """The fast path after a commit (a submit, a job's end): dispatch what the slots allow
-    and publish the outbox rows of `job_ids` and of what was dispatched. Failures are left
-    to beat (the periodic dispatcher and the re-publisher)."""
+    (its tasks sent in the dispatch transaction) and publish the outbox rows of `job_ids`.
+    Failures are left to beat (the periodic dispatcher and the re-publisher)."""
     from orchestrator.scheduling.outbox import relay_quietly
 
     dispatched: list[str] = []
     started = time.monotonic()
     try:
         redis = getattr(publish, "redis", None) or _redis_for(get_settings().redis_url)
-        dispatched = dispatch_once(engine, redis)
+        dispatched = dispatch_once(engine, redis, publish=publish)
     except Exception:
         log.warning("dispatch fast path failed; the periodic dispatcher will retry", exc_info=True)
-    given = {job_ids} if isinstance(job_ids, str) else set(job_ids)
-    ids = sorted(given | set(dispatched))
-    if ids:
-        relay_quietly(engine, publish, ids)
+    given = [job_ids] if isinstance(job_ids, str) else sorted(set(job_ids))
+    if given:
+        relay_quietly(engine, publish, given)
     log.debug(
         "nudge: %d dispatched in %.1f ms", len(dispatched), 1e3 * (time.monotonic() - started)
     )
