@@ -12,9 +12,21 @@ with a dispatcher that holds the flow.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, case, func, not_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Float,
+    and_,
+    bindparam,
+    case,
+    func,
+    not_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.tables import accounts
@@ -37,21 +49,31 @@ def greatest(a: Any, b: Any) -> ColumnElement[Any]:
     return case((a >= b, a), else_=b)
 
 
-def _limits_exprs(account_id: str, settings: Settings) -> tuple[Any, Any, Any]:
-    """(plan, weight, cap) of the account as SQL subqueries (primary-key reads)."""
-    plan = select(accounts.c.plan).where(accounts.c.id == account_id).scalar_subquery()
+def _limits_exprs() -> tuple[Any, Any, Any]:
+    """(plan, weight, cap) of account `:b_account` as SQL subqueries (primary-key reads);
+    the plans' weights and caps are parameters too (`settings_params`)."""
+    account = bindparam("b_account")
+    plan = select(accounts.c.plan).where(accounts.c.id == account).scalar_subquery()
     weight = case(
-        {p: plan_weight(settings, p) for p in PLANS}, value=plan, else_=settings.plan_weight_free
+        {p: bindparam(f"b_weight_{p}") for p in PLANS}, value=plan, else_=bindparam("b_weight_free")
     )
     plan_caps = case(
-        {p: plan_cap(settings, p) for p in PLANS}, value=plan, else_=settings.plan_running_cap_free
+        {p: bindparam(f"b_cap_{p}") for p in PLANS}, value=plan, else_=bindparam("b_cap_free")
     )
     override = (
         select(account_limits.c.running_cap)
-        .where(account_limits.c.account_id == account_id)
+        .where(account_limits.c.account_id == account)
         .scalar_subquery()
     )
     return plan, weight, func.coalesce(override, plan_caps)
+
+
+def settings_params(settings: Settings) -> dict[str, Any]:
+    return {
+        "b_aging": settings.sched_aging_per_s,
+        **{f"b_weight_{p}": plan_weight(settings, p) for p in PLANS},
+        **{f"b_cap_{p}": plan_cap(settings, p) for p in PLANS},
+    }
 
 
 def vtime_expr(queue: Any) -> ColumnElement[Any]:
@@ -61,19 +83,18 @@ def vtime_expr(queue: Any) -> ColumnElement[Any]:
     )
 
 
-def _changes(
-    queue: str, d_queued: int, d_running: int, now_s: float, *, refresh: str | None = None
-) -> dict[str, Any]:
-    """SET clauses for `queued += d_queued, running += d_running` (never below 0). With
-    `refresh` (the account id), a new backlog period re-reads the plan and limits."""
-    settings = get_settings()
+def _changes(d_queued: int, d_running: int, *, refresh: bool = False) -> dict[str, Any]:
+    """SET clauses for `queued += d_queued, running += d_running` (never below 0) of the
+    flow (:b_queue, :b_account) at :b_now. With `refresh`, a new backlog period re-reads
+    the plan and limits."""
     f = sched_flows.c
+    now_s = bindparam("b_now", type_=Float)
     queued = greatest(f.queued + d_queued, 0) if d_queued < 0 else f.queued + d_queued
     running = greatest(f.running + d_running, 0) if d_running < 0 else f.running + d_running
     values: dict[str, Any] = {"queued": queued, "running": running}
     cap: Any = f.cap
-    if refresh is not None:
-        plan, weight, fresh_cap = _limits_exprs(refresh, settings)
+    if refresh:
+        plan, weight, fresh_cap = _limits_exprs()
         new_period = f.queued == 0
         cap = case((new_period, fresh_cap), else_=f.cap)
         values |= {
@@ -83,36 +104,36 @@ def _changes(
         }
     eligible = and_(queued > 0, running < cap)
     entering = and_(eligible, not_(and_(f.queued > 0, f.running < f.cap)))
-    head = greatest(vtime_expr(queue), f.finish_tag)
+    head = greatest(vtime_expr(bindparam("b_queue")), f.finish_tag)
     return values | {
         "head_tag": case((entering, head), else_=f.head_tag),
         "head_since_s": case((entering, now_s), else_=f.head_since_s),
-        "sort_key": case((entering, head + settings.sched_aging_per_s * now_s), else_=f.sort_key),
+        "sort_key": case((entering, head + bindparam("b_aging") * now_s), else_=f.sort_key),
         "eligible": eligible,
     }
 
 
-def change(
-    conn: Connection, queue: str, account_id: str, d_queued: int, d_running: int, now_s: float
-) -> None:
-    """A job of an existing flow changed state (left the line, freed or took a slot)."""
-    conn.execute(
+@lru_cache(maxsize=16)
+def _change_stmt(d_queued: int, d_running: int) -> Any:
+    return (
         update(sched_flows)
-        .where(sched_flows.c.queue == queue, sched_flows.c.account_id == account_id)
-        .values(**_changes(queue, d_queued, d_running, now_s))
+        .where(
+            sched_flows.c.queue == bindparam("b_queue"),
+            sched_flows.c.account_id == bindparam("b_account"),
+        )
+        .values(**_changes(d_queued, d_running))
     )
 
 
-def joined(conn: Connection, queue: str, account_id: str, now_s: float, d_running: int = 0) -> None:
-    """A job joined the line (`d_running` -1: it came back from a lost slot): one upsert; the
-    account's first job on the queue creates its flow at the queue's virtual time."""
-    settings = get_settings()
-    plan, weight, cap = _limits_exprs(account_id, settings)
-    head = vtime_expr(queue)
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+@lru_cache(maxsize=8)
+def _joined_stmt(dialect_name: str, d_running: int) -> Any:
+    plan, weight, cap = _limits_exprs()
+    now_s = bindparam("b_now", type_=Float)
+    head = vtime_expr(bindparam("b_queue"))
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
     stmt = dialect.insert(sched_flows).values(
-        queue=queue,
-        account_id=account_id,
+        queue=bindparam("b_queue"),
+        account_id=bindparam("b_account"),
         plan=plan,
         weight=weight,
         cap=cap,
@@ -121,12 +142,28 @@ def joined(conn: Connection, queue: str, account_id: str, now_s: float, d_runnin
         finish_tag=0.0,
         head_tag=head,
         head_since_s=now_s,
-        sort_key=head + settings.sched_aging_per_s * now_s,
+        sort_key=head + bindparam("b_aging") * now_s,
         eligible=cap > 0,
     )
+    return stmt.on_conflict_do_update(
+        index_elements=[sched_flows.c.queue, sched_flows.c.account_id],
+        set_=_changes(1, d_running, refresh=True),
+    )
+
+
+def change(
+    conn: Connection, queue: str, account_id: str, d_queued: int, d_running: int, now_s: float
+) -> None:
+    """A job of an existing flow changed state (left the line, freed or took a slot)."""
+    params = {"b_queue": queue, "b_account": account_id, "b_now": now_s}
+    params["b_aging"] = get_settings().sched_aging_per_s
+    conn.execute(_change_stmt(d_queued, d_running), params)
+
+
+def joined(conn: Connection, queue: str, account_id: str, now_s: float, d_running: int = 0) -> None:
+    """A job joined the line (`d_running` -1: it came back from a lost slot): one upsert; the
+    account's first job on the queue creates its flow at the queue's virtual time."""
+    params = {"b_queue": queue, "b_account": account_id, "b_now": now_s}
     conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[sched_flows.c.queue, sched_flows.c.account_id],
-            set_=_changes(queue, 1, d_running, now_s, refresh=account_id),
-        )
+        _joined_stmt(conn.dialect.name, d_running), params | settings_params(get_settings())
     )

@@ -160,9 +160,7 @@ class Dispatched:
     waits: list[tuple[str, float]]  # (plan, seconds queued) per job
 
 
-def _lock_queues(conn: Connection, queues: tuple[str, ...]) -> list[Row[Any]]:
-    """Lock the pool's queue rows (sorted: no deadlock between dispatchers) and read each
-    one's virtual time, jobs in flight and whether a flow is eligible: one statement."""
+def _lock_stmt() -> Any:
     in_flight = (
         select(func.count())
         .select_from(dispatch_queue)
@@ -170,18 +168,56 @@ def _lock_queues(conn: Connection, queues: tuple[str, ...]) -> list[Row[Any]]:
         .scalar_subquery()
     )
     work = exists().where(sched_flows.c.queue == sched_queues.c.queue, sched_flows.c.eligible)
-    stmt = (
+    return (
         select(sched_queues.c.queue, sched_queues.c.vtime, in_flight.label("in_flight"))
         .add_columns(work.label("work"))
-        .where(sched_queues.c.queue.in_(queues))
+        .where(sched_queues.c.queue.in_(bindparam("b_queues", expanding=True)))
         .order_by(sched_queues.c.queue)
         .with_for_update(of=sched_queues)
     )
-    rows = conn.execute(stmt).all()
+
+
+# Built once (their parameters are bound at each call): a dispatch decision's statements.
+LOCK_QUEUES: Final = _lock_stmt()
+FIRST_FLOWS: Final = (
+    select(sched_flows)
+    .where(sched_flows.c.queue == bindparam("b_queue"), sched_flows.c.eligible.is_(True))
+    .order_by(sched_flows.c.sort_key, sched_flows.c.head_since_s, sched_flows.c.account_id)
+    .limit(bindparam("b_limit"))
+    .with_for_update()
+)
+# SKIP LOCKED: an entry a cancel is deleting right now is not ours to dispatch.
+HEADS: Final = (
+    select(dispatch_queue)
+    .where(
+        dispatch_queue.c.queue == bindparam("b_queue"),
+        dispatch_queue.c.account_id == bindparam("b_account"),
+        dispatch_queue.c.state == QUEUED,
+    )
+    .order_by(dispatch_queue.c.id)
+    .limit(bindparam("b_limit"))
+    .with_for_update(skip_locked=True)
+)
+MARK_ENTRIES: Final = (
+    update(dispatch_queue)
+    .where(dispatch_queue.c.id.in_(bindparam("b_ids", expanding=True)))
+    .values(state=DISPATCHED, dispatched_at=bindparam("b_now"))
+)
+MARK_JOBS: Final = (
+    update(jobs)
+    .where(jobs.c.id.in_(bindparam("b_ids", expanding=True)), jobs.c.status == QUEUED)
+    .values(status=DISPATCHED, updated_at=bindparam("b_now"))
+)
+
+
+def _lock_queues(conn: Connection, queues: tuple[str, ...]) -> list[Row[Any]]:
+    """Lock the pool's queue rows (sorted: no deadlock between dispatchers) and read each
+    one's virtual time, jobs in flight and whether a flow is eligible: one statement."""
+    rows = conn.execute(LOCK_QUEUES, {"b_queues": list(queues)}).all()
     if len(rows) < len(queues):  # a queue's first dispatch: its row (V = 0)
         for q in set(queues) - {r.queue for r in rows}:
             _insert_ignore(conn, sched_queues, {"queue": q, "vtime": 0.0})
-        rows = conn.execute(stmt).all()
+        rows = conn.execute(LOCK_QUEUES, {"b_queues": list(queues)}).all()
     return rows
 
 
@@ -197,13 +233,7 @@ class _Plan:
 
 
 def _plan_queue(conn: Connection, queue: str, vtime: float, free: int, now_s: float) -> _Plan:
-    rows = conn.execute(
-        select(sched_flows)
-        .where(sched_flows.c.queue == queue, sched_flows.c.eligible.is_(True))
-        .order_by(sched_flows.c.sort_key, sched_flows.c.head_since_s, sched_flows.c.account_id)
-        .limit(free)
-        .with_for_update()
-    ).all()
+    rows = conn.execute(FIRST_FLOWS, {"b_queue": queue, "b_limit": free}).all()
     aging = get_settings().sched_aging_per_s
     order = fairness.pick([_as_flow(r) for r in rows], free, vtime, now_s, aging).order
     by = {r.account_id: r for r in rows}
@@ -229,20 +259,9 @@ def _share(plans: list[_Plan], free: int) -> dict[str, int]:
 
 
 def _heads(conn: Connection, queue: str, wanted: Counter[str]) -> dict[str, list[Row[Any]]]:
-    # SKIP LOCKED: an entry a cancel is deleting right now is not ours to dispatch.
     return {
         account: list(
-            conn.execute(
-                select(dispatch_queue)
-                .where(
-                    dispatch_queue.c.queue == queue,
-                    dispatch_queue.c.account_id == account,
-                    dispatch_queue.c.state == QUEUED,
-                )
-                .order_by(dispatch_queue.c.id)
-                .limit(count)
-                .with_for_update(skip_locked=True)
-            ).all()
+            conn.execute(HEADS, {"b_queue": queue, "b_account": account, "b_limit": count}).all()
         )
         for account, count in wanted.items()
     }
@@ -359,16 +378,8 @@ def _dispatch_pool(
     if not taken_rows:
         return Dispatched([], [])
     ids = [t.job_id for t in taken_rows]
-    conn.execute(
-        update(dispatch_queue)
-        .where(dispatch_queue.c.id.in_([t.id for t in taken_rows]))
-        .values(state=DISPATCHED, dispatched_at=now)
-    )
-    conn.execute(
-        update(jobs)
-        .where(jobs.c.id.in_(ids), jobs.c.status == QUEUED)
-        .values(status=DISPATCHED, updated_at=now)
-    )
+    conn.execute(MARK_ENTRIES, {"b_ids": [t.id for t in taken_rows], "b_now": now})
+    conn.execute(MARK_JOBS, {"b_ids": ids, "b_now": now})
     if vtimes:
         conn.execute(VTIME_WRITE, vtimes)
     published = _publish(publish, taken_rows, sent) if publish is not None else set()
