@@ -160,7 +160,7 @@ class Dispatched:
     waits: list[tuple[str, float]]  # (plan, seconds queued) per job
 
 
-def _lock_stmt() -> Any:
+def _state_stmt() -> Any:
     in_flight = (
         select(func.count())
         .select_from(dispatch_queue)
@@ -173,12 +173,20 @@ def _lock_stmt() -> Any:
         .add_columns(work.label("work"))
         .where(sched_queues.c.queue.in_(bindparam("b_queues", expanding=True)))
         .order_by(sched_queues.c.queue)
-        .with_for_update(of=sched_queues)
     )
 
 
 # Built once (their parameters are bound at each call): a dispatch decision's statements.
-LOCK_QUEUES: Final = _lock_stmt()
+LOCK_QUEUES: Final = (
+    select(sched_queues.c.queue)
+    .where(sched_queues.c.queue.in_(bindparam("b_queues", expanding=True)))
+    .order_by(sched_queues.c.queue)
+    .with_for_update()
+)
+# Read after the lock, in a statement of its own: under READ COMMITTED a statement sees the
+# commits before it began, so counts read by the locking statement itself could predate
+# the dispatcher it waited for.
+QUEUE_STATE: Final = _state_stmt()
 FIRST_FLOWS: Final = (
     select(sched_flows)
     .where(sched_flows.c.queue == bindparam("b_queue"), sched_flows.c.eligible.is_(True))
@@ -198,27 +206,18 @@ HEADS: Final = (
     .limit(bindparam("b_limit"))
     .with_for_update(skip_locked=True)
 )
-MARK_ENTRIES: Final = (
-    update(dispatch_queue)
-    .where(dispatch_queue.c.id.in_(bindparam("b_ids", expanding=True)))
-    .values(state=DISPATCHED, dispatched_at=bindparam("b_now"))
-)
-MARK_JOBS: Final = (
-    update(jobs)
-    .where(jobs.c.id.in_(bindparam("b_ids", expanding=True)), jobs.c.status == QUEUED)
-    .values(status=DISPATCHED, updated_at=bindparam("b_now"))
-)
 
 
 def _lock_queues(conn: Connection, queues: tuple[str, ...]) -> list[Row[Any]]:
-    """Lock the pool's queue rows (sorted: no deadlock between dispatchers) and read each
-    one's virtual time, jobs in flight and whether a flow is eligible: one statement."""
-    rows = conn.execute(LOCK_QUEUES, {"b_queues": list(queues)}).all()
-    if len(rows) < len(queues):  # a queue's first dispatch: its row (V = 0)
-        for q in set(queues) - {r.queue for r in rows}:
+    """Lock the pool's queue rows (sorted: no deadlock between dispatchers), then read each
+    one's virtual time, jobs in flight and whether a flow is eligible."""
+    params = {"b_queues": list(queues)}
+    locked = conn.execute(LOCK_QUEUES, params).scalars().all()
+    if len(locked) < len(queues):  # a queue's first dispatch: its row (V = 0)
+        for q in set(queues) - set(locked):
             _insert_ignore(conn, sched_queues, {"queue": q, "vtime": 0.0})
-        rows = conn.execute(LOCK_QUEUES, {"b_queues": list(queues)}).all()
-    return rows
+        conn.execute(LOCK_QUEUES, params)
+    return conn.execute(QUEUE_STATE, params).all()
 
 
 @dataclass
@@ -332,11 +331,6 @@ FLOW_WRITE: Final = (
         eligible=bindparam("b_eligible"),
     )
 )
-VTIME_WRITE: Final = (
-    update(sched_queues)
-    .where(sched_queues.c.queue == bindparam("b_queue"))
-    .values(vtime=bindparam("b_vtime"))
-)
 
 
 def _dispatch_pool(
@@ -373,31 +367,70 @@ def _dispatch_pool(
         plan_of |= {(plan.queue, a): r.plan for a, r in plan.rows.items()}
         if plan.vtime != before:
             vtimes.append({"b_queue": plan.queue, "b_vtime": plan.vtime})
-    if flow_writes:
-        conn.execute(FLOW_WRITE, flow_writes)
     if not taken_rows:
+        if flow_writes:
+            conn.execute(FLOW_WRITE, flow_writes)
         return Dispatched([], [])
     ids = [t.job_id for t in taken_rows]
-    conn.execute(MARK_ENTRIES, {"b_ids": [t.id for t in taken_rows], "b_now": now})
-    conn.execute(MARK_JOBS, {"b_ids": ids, "b_now": now})
-    if vtimes:
-        conn.execute(VTIME_WRITE, vtimes)
-    published = _publish(publish, taken_rows, sent) if publish is not None else set()
-    conn.execute(
-        insert(outbox),
-        [
-            {
-                "topic": "dispatch",
-                "job_id": t.job_id,
-                "payload": {"job_id": t.job_id, "type": t.task},
-                "created_at": now,
-                "published_at": now if t.job_id in published else None,
-            }
-            for t in taken_rows
-        ],
-    )
-    if publish is not None:  # what this transaction wrote is safe to lose (see the docstring)
-        commit_without_flush_wait(conn)
+    messages = [
+        {
+            "topic": "dispatch",
+            "job_id": t.job_id,
+            "payload": {"job_id": t.job_id, "type": t.task},
+            "created_at": now,
+            "published_at": None if publish is None else now,  # un-marked below if unsent
+        }
+        for t in taken_rows
+    ]
+    writes = [
+        update(sched_flows)
+        .where(sched_flows.c.queue == w["b_queue"], sched_flows.c.account_id == w["b_account"])
+        .values(
+            running=w["b_running"],
+            queued=w["b_queued"],
+            finish_tag=w["b_finish"],
+            head_tag=w["b_head"],
+            head_since_s=w["b_since"],
+            sort_key=w["b_key"],
+            eligible=w["b_eligible"],
+        )
+        for w in flow_writes
+    ] + [
+        update(sched_queues).where(sched_queues.c.queue == v["b_queue"]).values(vtime=v["b_vtime"])
+        for v in vtimes
+    ]
+    writes += [
+        update(dispatch_queue)
+        .where(dispatch_queue.c.id.in_([t.id for t in taken_rows]))
+        .values(state=DISPATCHED, dispatched_at=now),
+        update(jobs)
+        .where(jobs.c.id.in_(ids), jobs.c.status == QUEUED)
+        .values(status=DISPATCHED, updated_at=now),
+    ]
+    if conn.dialect.name == "postgresql":  # every write in one statement (data-modifying CTEs)
+        conn.execute(
+            insert(outbox).values(messages).add_cte(*(w.cte(f"w{i}") for i, w in enumerate(writes)))
+        )
+    else:
+        for w in writes:
+            conn.execute(w)
+        conn.execute(insert(outbox), messages)
+    if publish is not None:
+        # Sent last, with every row of theirs locked and written: a worker that gets a task
+        # before COMMIT waits on its job's row, then finds it `dispatched`.
+        published = _publish(publish, taken_rows, sent)
+        unsent = [t.job_id for t in taken_rows if t.job_id not in published]
+        if unsent:  # for the re-publisher
+            conn.execute(
+                update(outbox)
+                .where(
+                    outbox.c.topic == "dispatch",
+                    outbox.c.job_id.in_(unsent),
+                    outbox.c.published_at == now,
+                )
+                .values(published_at=None)
+            )
+        commit_without_flush_wait(conn)  # what it wrote is safe to lose (see the docstring)
     waits = [
         (plan_of[(t.queue, t.account_id)], (now - t.enqueued_at).total_seconds())
         for t in taken_rows
