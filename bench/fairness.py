@@ -65,10 +65,18 @@ def spec(run_s: float) -> dict[str, Any]:
     return {"type": "txt2img", "prompt": f"test:sleep:{run_s}", "steps": 20}
 
 
-def submit(engine: Engine, storage: Any, acc: str, n: int, run_s: float) -> list[str]:
+def submit(
+    engine: Engine, storage: Any, publisher: Any, acc: str, n: int, run_s: float
+) -> list[str]:
+    """`n` jobs, each followed by a nudge, as every way in does after its commit."""
     from orchestrator.jobs import service as jobs
+    from orchestrator.scheduling.scheduler import nudge
 
-    return [str(jobs.submit(engine, storage, acc, spec(run_s)).job["id"]) for _ in range(n)]
+    ids = []
+    for _ in range(n):
+        ids.append(str(jobs.submit(engine, storage, acc, spec(run_s)).job["id"]))
+        nudge(engine, publisher, ids[-1])
+    return ids
 
 
 def rows(engine: Engine, ids: list[str]) -> list[Any]:
@@ -114,11 +122,11 @@ def run_time_s(done: list[Any]) -> float:
 
 def noisy_neighbour(engine: Engine, storage: Any, publisher: Any, flood: int, run_s: float) -> str:
     free, std = make_account(engine, "free"), make_account(engine, "standard")
-    flooded = submit(engine, storage, free, flood, run_s)
+    flooded = submit(engine, storage, publisher, free, flood, run_s)
     pump(
         engine, publisher, lambda: sum(r.started_at is not None for r in rows(engine, flooded)) >= 3
     )
-    mine = submit(engine, storage, std, 5, run_s)
+    mine = submit(engine, storage, publisher, std, 5, run_s)
     pump(engine, publisher, lambda: all(r.finished_at for r in rows(engine, mine)))
     done = rows(engine, mine)
     unit = run_time_s([r for r in rows(engine, flooded) if r.finished_at] + done)
@@ -152,19 +160,19 @@ def completed_in_window(engine: Engine, groups: dict[str, list[str]]) -> dict[st
 
 
 def submit_interleaved(
-    engine: Engine, storage: Any, accs: list[str], n: int, run_s: float
+    engine: Engine, storage: Any, publisher: Any, accs: list[str], n: int, run_s: float
 ) -> dict[str, list[str]]:
     """`n` jobs per account, submitted in turns, so all are backlogged from the start."""
     groups: dict[str, list[str]] = {a: [] for a in accs}
     for _ in range(n):
         for a in accs:
-            groups[a] += submit(engine, storage, a, 1, run_s)
+            groups[a] += submit(engine, storage, publisher, a, 1, run_s)
     return groups
 
 
 def shares(engine: Engine, storage: Any, publisher: Any, run_s: float, per: int) -> str:
     accs = [make_account(engine, "standard") for _ in range(4)]
-    groups = submit_interleaved(engine, storage, accs, per, run_s)
+    groups = submit_interleaved(engine, storage, publisher, accs, per, run_s)
     pump(
         engine,
         publisher,
@@ -186,7 +194,7 @@ def weights(engine: Engine, storage: Any, publisher: Any, run_s: float, per: int
     # Caps above the slots, so only the weights decide (the default free cap of 2 would
     # otherwise bind first on a 3-slot worker).
     set_running_cap(engine, free, 100)
-    by = submit_interleaved(engine, storage, [std, free], per, run_s)
+    by = submit_interleaved(engine, storage, publisher, [std, free], per, run_s)
     groups = {"standard": by[std], "free": by[free]}
     pump(engine, publisher, lambda: all(r.finished_at for r in rows(engine, groups["standard"])))
     counts = completed_in_window(engine, groups)
@@ -259,7 +267,7 @@ def decision_cost(engine: Engine, queued: int, n_accounts: int) -> tuple[float, 
         with engine.connect() as conn:
             trans = conn.begin()
             t0 = time.perf_counter()
-            picked = scheduler._dispatch_queue(conn, queue=queue, capacity=10, limit=10)
+            picked = scheduler._dispatch_queue(conn, queue, 10, 10)
             times.append(time.perf_counter() - t0)
             trans.rollback()
         assert len(picked.job_ids) == 10, picked

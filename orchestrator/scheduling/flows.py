@@ -13,7 +13,7 @@ with a dispatcher that holds the flow.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
     ColumnElement,
@@ -28,12 +28,34 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
 
 from billing.tables import accounts
+from orchestrator.scheduling import fairness
 from orchestrator.settings import Settings, get_settings
 from orchestrator.tables import account_limits, sched_flows, sched_queues
 
 PLANS = ("free", "standard", "business")
+QUEUED: Final = "queued"
+DISPATCHED: Final = "dispatched"
+
+
+def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any]) -> None:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    conn.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
+
+
+def _as_flow(row: Row[Any]) -> fairness.Flow:
+    return fairness.Flow(
+        row.account_id,
+        row.weight,
+        row.cap,
+        row.running,
+        row.queued,
+        row.finish_tag,
+        row.head_tag,
+        row.head_since_s,
+    )
 
 
 def plan_weight(settings: Settings, plan: str) -> float:
@@ -52,7 +74,7 @@ def greatest(a: Any, b: Any) -> ColumnElement[Any]:
 def _limits_exprs() -> tuple[Any, Any, Any]:
     """(plan, weight, cap) of account `:b_account` as SQL subqueries (primary-key reads);
     the plans' weights and caps are parameters too (`settings_params`)."""
-    account = bindparam("b_account")
+    account: Any = bindparam("b_account")
     plan = select(accounts.c.plan).where(accounts.c.id == account).scalar_subquery()
     weight = case(
         {p: bindparam(f"b_weight_{p}") for p in PLANS}, value=plan, else_=bindparam("b_weight_free")

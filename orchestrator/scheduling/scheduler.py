@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache, partial
 from typing import Any, Final
@@ -35,52 +34,48 @@ from typing import Any, Final
 from sqlalchemy import (
     Connection,
     Engine,
-    bindparam,
     delete,
-    exists,
-    func,
     insert,
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 
 from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.db import commit_without_flush_wait
 from orchestrator.jobs.families import FAMILIES, family_for
-from orchestrator.scheduling import fairness, flows, slots
-from orchestrator.scheduling.flows import plan_cap, plan_weight
+from orchestrator.scheduling import flows, slots
+from orchestrator.scheduling.decision import FLOW_WRITE, apply_plan, lock_queues, plan_queue, share
+from orchestrator.scheduling.flows import (
+    DISPATCHED,
+    QUEUED,
+    _as_flow,
+    _insert_ignore,
+    plan_cap,
+    plan_weight,
+)
 from orchestrator.settings import get_settings
 from orchestrator.tables import dispatch_queue, jobs, outbox, sched_flows, sched_queues
 
 log = logging.getLogger(__name__)
 
 FAMILY_QUEUES: Final = frozenset(f.queue for f in FAMILIES.values())
-QUEUED: Final = "queued"
-DISPATCHED: Final = "dispatched"
-__all__ = ["plan_cap", "plan_weight", "enqueue", "release", "taken", "dispatch_once", "nudge"]
+__all__ = [
+    "DISPATCHED",
+    "QUEUED",
+    "_as_flow",
+    "_insert_ignore",
+    "plan_cap",
+    "plan_weight",
+    "enqueue",
+    "release",
+    "taken",
+    "dispatch_once",
+    "nudge",
+]
 
 Publish = Callable[[str, dict[str, Any]], None]
-
-
-def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any]) -> None:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    conn.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
-
-
-def _as_flow(row: Row[Any]) -> fairness.Flow:
-    return fairness.Flow(
-        row.account_id,
-        row.weight,
-        row.cap,
-        row.running,
-        row.queued,
-        row.finish_tag,
-        row.head_tag,
-        row.head_since_s,
-    )
 
 
 def enqueue(
@@ -160,179 +155,6 @@ class Dispatched:
     waits: list[tuple[str, float]]  # (plan, seconds queued) per job
 
 
-def _state_stmt() -> Any:
-    in_flight = (
-        select(func.count())
-        .select_from(dispatch_queue)
-        .where(dispatch_queue.c.queue == sched_queues.c.queue, dispatch_queue.c.state == DISPATCHED)
-        .scalar_subquery()
-    )
-    work = exists().where(sched_flows.c.queue == sched_queues.c.queue, sched_flows.c.eligible)
-    return (
-        select(sched_queues.c.queue, sched_queues.c.vtime, in_flight.label("in_flight"))
-        .add_columns(work.label("work"))
-        .where(sched_queues.c.queue.in_(bindparam("b_queues", expanding=True)))
-        .order_by(sched_queues.c.queue)
-    )
-
-
-# Built once (their parameters are bound at each call): a dispatch decision's statements.
-LOCK_QUEUES: Final = (
-    select(sched_queues.c.queue)
-    .where(sched_queues.c.queue.in_(bindparam("b_queues", expanding=True)))
-    .order_by(sched_queues.c.queue)
-    .with_for_update()
-)
-# Read after the lock, in a statement of its own: under READ COMMITTED a statement sees the
-# commits before it began, so counts read by the locking statement itself could predate
-# the dispatcher it waited for.
-QUEUE_STATE: Final = _state_stmt()
-FIRST_FLOWS: Final = (
-    select(sched_flows)
-    .where(sched_flows.c.queue == bindparam("b_queue"), sched_flows.c.eligible.is_(True))
-    .order_by(sched_flows.c.sort_key, sched_flows.c.head_since_s, sched_flows.c.account_id)
-    .limit(bindparam("b_limit"))
-    .with_for_update()
-)
-# SKIP LOCKED: an entry a cancel is deleting right now is not ours to dispatch.
-HEADS: Final = (
-    select(dispatch_queue)
-    .where(
-        dispatch_queue.c.queue == bindparam("b_queue"),
-        dispatch_queue.c.account_id == bindparam("b_account"),
-        dispatch_queue.c.state == QUEUED,
-    )
-    .order_by(dispatch_queue.c.id)
-    .limit(bindparam("b_limit"))
-    .with_for_update(skip_locked=True)
-)
-
-
-def _lock_queues(conn: Connection, queues: tuple[str, ...]) -> list[Row[Any]]:
-    """Lock the pool's queue rows (sorted: no deadlock between dispatchers), then read each
-    one's virtual time, jobs in flight and whether a flow is eligible."""
-    params = {"b_queues": list(queues)}
-    locked = conn.execute(LOCK_QUEUES, params).scalars().all()
-    if len(locked) < len(queues):  # a queue's first dispatch: its row (V = 0)
-        for q in set(queues) - set(locked):
-            _insert_ignore(conn, sched_queues, {"queue": q, "vtime": 0.0})
-        conn.execute(LOCK_QUEUES, params)
-    return conn.execute(QUEUE_STATE, params).all()
-
-
-@dataclass
-class _Plan:
-    """One queue's picks: accounts in order, with the second each head has waited since."""
-
-    queue: str
-    vtime: float
-    rows: dict[str, Row[Any]]
-    order: list[str]
-    since: list[float]
-
-
-def _plan_queue(conn: Connection, queue: str, vtime: float, free: int, now_s: float) -> _Plan:
-    rows = conn.execute(FIRST_FLOWS, {"b_queue": queue, "b_limit": free}).all()
-    aging = get_settings().sched_aging_per_s
-    order = fairness.pick([_as_flow(r) for r in rows], free, vtime, now_s, aging).order
-    by = {r.account_id: r for r in rows}
-    seen: set[str] = set()
-    since = []
-    for account in order:  # a flow's next head became head when its previous one went
-        since.append(now_s if account in seen else by[account].head_since_s)
-        seen.add(account)
-    return _Plan(queue, vtime, by, order, since)
-
-
-def _share(plans: list[_Plan], free: int) -> dict[str, int]:
-    """How many of each queue's picks go now when the pool has `free` slots for all of
-    them: the longest-waiting next head first, across queues."""
-    taken_n = {p.queue: 0 for p in plans}
-    for _ in range(free):
-        ready = [p for p in plans if taken_n[p.queue] < len(p.order)]
-        if not ready:
-            break
-        best = min(ready, key=lambda p: (p.since[taken_n[p.queue]], p.queue))
-        taken_n[best.queue] += 1
-    return taken_n
-
-
-def _heads(conn: Connection, queue: str, wanted: Counter[str]) -> dict[str, list[Row[Any]]]:
-    return {
-        account: list(
-            conn.execute(HEADS, {"b_queue": queue, "b_account": account, "b_limit": count}).all()
-        )
-        for account, count in wanted.items()
-    }
-
-
-def _apply(conn: Connection, plan: _Plan, n: int, now_s: float) -> tuple[list[Row[Any]], list]:
-    """Take the plan's first `n` picks with the entries actually found (a counter that
-    drifted is fixed); returns the entries and the flows' new rows for one batched write."""
-    order = plan.order[:n]
-    wanted = Counter(order)
-    heads = _heads(conn, plan.queue, wanted)
-    original = {a: _as_flow(plan.rows[a]) for a in wanted}
-    state = dict(original)
-    vtime = plan.vtime
-    entries: list[Row[Any]] = []
-    used: Counter[str] = Counter()
-    for account in order:
-        if used[account] >= len(heads[account]):
-            continue
-        entries.append(heads[account][used[account]])
-        used[account] += 1
-        state[account], vtime = fairness.dispatched(state[account], vtime, now_s)
-    aging = get_settings().sched_aging_per_s
-    writes = []
-    for account, flow in state.items():
-        if len(heads[account]) < wanted[account]:  # fewer entries than the counter said
-            real = conn.execute(
-                select(func.count())
-                .select_from(dispatch_queue)
-                .where(
-                    dispatch_queue.c.queue == plan.queue,
-                    dispatch_queue.c.account_id == account,
-                    dispatch_queue.c.state == QUEUED,
-                )
-            ).scalar_one()
-            flow = replace(flow, queued=real)
-        if flow != original[account]:
-            writes.append(
-                {
-                    "b_queue": plan.queue,
-                    "b_account": account,
-                    "b_running": max(0, flow.running),
-                    "b_queued": max(0, flow.queued),
-                    "b_finish": flow.finish_tag,
-                    "b_head": flow.head_tag,
-                    "b_since": flow.head_since_s,
-                    "b_key": fairness.sort_key(flow.head_tag, flow.head_since_s, aging),
-                    "b_eligible": flow.eligible,
-                }
-            )
-    plan.vtime = vtime
-    return entries, writes
-
-
-FLOW_WRITE: Final = (
-    update(sched_flows)
-    .where(
-        sched_flows.c.queue == bindparam("b_queue"),
-        sched_flows.c.account_id == bindparam("b_account"),
-    )
-    .values(
-        running=bindparam("b_running"),
-        queued=bindparam("b_queued"),
-        finish_tag=bindparam("b_finish"),
-        head_tag=bindparam("b_head"),
-        head_since_s=bindparam("b_since"),
-        sort_key=bindparam("b_key"),
-        eligible=bindparam("b_eligible"),
-    )
-)
-
-
 def _dispatch_pool(
     conn: Connection,
     pool: slots.Pool,
@@ -341,7 +163,7 @@ def _dispatch_pool(
     sent: set[str] | None = None,
 ) -> Dispatched:
     """One pool's dispatch decision and its writes, in the caller's transaction."""
-    locked = _lock_queues(conn, pool.queues)
+    locked = lock_queues(conn, pool.queues)
     free = min(limit, pool.capacity - sum(r.in_flight for r in locked))
     if free <= 0 or not any(r.work for r in locked):
         return Dispatched([], [])
@@ -351,17 +173,17 @@ def _dispatch_pool(
     for r in locked:
         room = min(free, pool.slots.get(r.queue, 0) - r.in_flight)
         if r.work and room > 0:
-            plans.append(_plan_queue(conn, r.queue, float(r.vtime), room, now_s))
-    share = _share(plans, free) if len(plans) > 1 else {p.queue: free for p in plans}
+            plans.append(plan_queue(conn, r.queue, float(r.vtime), room, now_s))
+    shares = share(plans, free) if len(plans) > 1 else {p.queue: free for p in plans}
     taken_rows: list[Row[Any]] = []
     flow_writes: list[dict[str, Any]] = []
     vtimes = []
     plan_of: dict[tuple[str, str], str] = {}
     for plan in plans:
-        if share.get(plan.queue, 0) <= 0:
+        if shares.get(plan.queue, 0) <= 0:
             continue
         before = plan.vtime
-        entries, writes = _apply(conn, plan, share[plan.queue], now_s)
+        entries, writes = apply_plan(conn, plan, shares[plan.queue], now_s)
         taken_rows += entries
         flow_writes += writes
         plan_of |= {(plan.queue, a): r.plan for a, r in plan.rows.items()}
