@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from sqlalchemy import Connection, bindparam, exists, func, select, update
+from sqlalchemy import Connection, bindparam, exists, func, select, text, update
 from sqlalchemy.engine import Row
 
 from orchestrator.scheduling import fairness
@@ -115,7 +115,28 @@ def share(plans: list[Plan], free: int) -> dict[str, int]:
     return taken_n
 
 
+# Several accounts' oldest entries in one statement (PostgreSQL): a LATERAL read per account.
+HEADS_MANY: Final = text(
+    "SELECT d.* FROM unnest(CAST(:b_accounts AS text[]), CAST(:b_counts AS integer[]))"
+    " AS w(account_id, n) CROSS JOIN LATERAL (SELECT * FROM dispatch_queue"
+    " WHERE dispatch_queue.queue = :b_queue AND dispatch_queue.account_id = w.account_id"
+    " AND dispatch_queue.state = 'queued' ORDER BY dispatch_queue.id LIMIT w.n"
+    " FOR UPDATE SKIP LOCKED) AS d"
+).columns(*dispatch_queue.c)
+
+
 def _heads(conn: Connection, queue: str, wanted: Counter[str]) -> dict[str, list[Row[Any]]]:
+    if len(wanted) > 1 and conn.dialect.name == "postgresql":
+        accounts = list(wanted)
+        params = {
+            "b_queue": queue,
+            "b_accounts": accounts,
+            "b_counts": [wanted[a] for a in accounts],
+        }
+        found: dict[str, list[Row[Any]]] = {a: [] for a in accounts}
+        for row in conn.execute(HEADS_MANY, params):
+            found[row.account_id].append(row)
+        return found
     return {
         account: list(
             conn.execute(HEADS, {"b_queue": queue, "b_account": account, "b_limit": count}).all()
