@@ -13,8 +13,10 @@ tests.support.worker_app: the product's tasks with scripted runners; each job sl
    both are backlogged. Target within 20% of 4.
 4. decision cost: one dispatch decision (10 picks) with 1,000 and with 100,000 jobs queued
    across 10,000 accounts (rows bulk-inserted; each decision rolled back).
-5. cost (with --baseline-tree DIR): bench/lifecycle.py's ratio here and in DIR (e.g. a
-   worktree of main), run one after the other. Target: no drop of more than 10%.
+5. cost (with --baseline-tree DIR, e.g. a checkout from before the scheduler): the
+   orchestrator side of one job in statements and CPU ms (bench/sched_cost.py), and
+   bench/lifecycle.py's ratio, here and in DIR, one after the other. Target: the ratio
+   drops by no more than 10%.
 
 Usage: python bench/fairness.py [--flood 500] [--run-s 0.1] [--baseline-tree /path]
 """
@@ -287,6 +289,16 @@ def lifecycle_ratio(tree: Path, jobs_n: int) -> float:
     return float(match.group(1))
 
 
+def sched_cost(tree: Path) -> str:
+    """bench/sched_cost.py (this tree's script) run against `tree`'s code."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "sched_cost.py")],
+        cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
+        timeout=RUN_TIMEOUT_S, check=True,
+    )  # fmt: skip
+    return f"{out.stdout.strip().splitlines()[-1]} ({tree})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flood", type=int, default=500, help="noisy neighbour's jobs (<= 2000)")
@@ -357,6 +369,9 @@ def main() -> None:
             print(lines[-1], flush=True)
         engine.dispose()
     if args.baseline_tree is not None and "5" not in skip:
+        for tree in (ROOT, args.baseline_tree):
+            lines.append(sched_cost(tree))
+            print(lines[-1], flush=True)
         here = lifecycle_ratio(ROOT, args.lifecycle_jobs)
         base = lifecycle_ratio(args.baseline_tree, args.lifecycle_jobs)
         drop = 1 - here / base
