@@ -55,6 +55,7 @@ from orchestrator.scheduling.flows import (
     plan_cap,
     plan_weight,
 )
+from orchestrator.scheduling.outbox import RELAY_BATCH_MAX
 from orchestrator.settings import get_settings
 from orchestrator.tables import dispatch_queue, jobs, outbox, sched_flows, sched_queues
 
@@ -292,16 +293,84 @@ def dispatch_once(
     """Dispatch what the live slots allow, in fair order, one transaction per pool of
     queues. Returns the job ids dispatched (their tasks are in the outbox; sent and marked
     published already when `publish` is given)."""
+    return _dispatch_all(engine, redis, limit, publish, [])[0]
+
+
+def _relay_in(conn: Connection, publish: Publish, job_ids: list[str]) -> None:
+    """The outbox relay of `job_ids` (orchestrator.scheduling.outbox.relay), inside the
+    dispatch transaction: one BEGIN/COMMIT for both. A failed publish leaves the rest
+    unpublished for the re-publisher; a rollback only means sending them again."""
+    rows = conn.execute(
+        select(outbox)
+        .where(outbox.c.published_at.is_(None), outbox.c.job_id.in_(job_ids))
+        .order_by(outbox.c.id)
+        .limit(RELAY_BATCH_MAX)
+        .with_for_update(skip_locked=True)
+    ).all()
+    sent = []
+    for row in rows:
+        try:
+            publish(row.topic, row.payload)
+        except Exception:
+            log.warning("outbox fast path failed; the re-publisher will retry", exc_info=True)
+            break
+        sent.append(row)
+    if not sent:
+        return
+    now = utcnow()
+    conn.execute(
+        update(outbox).where(outbox.c.id.in_([r.id for r in sent])).values(published_at=now)
+    )
+    dispatched = sorted({r.job_id for r in sent if r.topic == "dispatch"})
+    if dispatched:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(dispatched), jobs.c.status == QUEUED)
+            .values(status=DISPATCHED, updated_at=now)
+        )
+
+
+def _pool_transaction(
+    conn: Connection,
+    pool: slots.Pool,
+    limit: int,
+    publish: Publish | None,
+    sent: set[str],
+    relay_ids: list[str],
+) -> Dispatched:
+    done = _dispatch_pool(conn, pool=pool, limit=limit, publish=publish, sent=sent)
+    if relay_ids and publish is not None:
+        _relay_in(conn, publish, relay_ids)
+        if not done.job_ids:  # (a dispatch already set it)
+            commit_without_flush_wait(conn)  # published marks: safe to lose
+    return done
+
+
+def _dispatch_all(
+    engine: Engine, redis: Any, limit: int | None, publish: Publish | None, relay_ids: list[str]
+) -> tuple[list[str], bool]:
+    """dispatch_once, relaying `relay_ids` in the first pool's transaction; returns the
+    job ids dispatched and whether the relay ran."""
     settings = get_settings()
     limit = limit or settings.dispatch_batch_max
     pools = slots.pools(slots.live(redis), settings.sched_slot_buffer_per_worker, FAMILY_QUEUES)
     out: list[str] = []
     waits: list[tuple[str, float]] = []
+    relayed = False
     for pool in pools:
         sent: set[str] = set()
         done = run_transaction(
-            engine, partial(_dispatch_pool, pool=pool, limit=limit, publish=publish, sent=sent)
+            engine,
+            partial(
+                _pool_transaction,
+                pool=pool,
+                limit=limit,
+                publish=publish,
+                sent=sent,
+                relay_ids=[] if relayed else relay_ids,
+            ),
         )
+        relayed = True
         out += done.job_ids
         waits += done.waits
     if waits:
@@ -309,7 +378,7 @@ def dispatch_once(
             slots.record_waits(redis, waits)
         except Exception:  # a metric only
             log.warning("queue wait histogram not recorded", exc_info=True)
-    return out
+    return out, relayed
 
 
 @lru_cache(maxsize=4)
@@ -321,19 +390,21 @@ def _redis_for(url: str) -> Any:
 
 def nudge(engine: Engine, publish: Publish, job_ids: str | Iterable[str] = ()) -> list[str]:
     """The fast path after a commit (a submit, a job's end): dispatch what the slots allow
-    (its tasks sent in the dispatch transaction) and publish the outbox rows of `job_ids`.
-    Failures are left to beat (the periodic dispatcher and the re-publisher)."""
+    (its tasks sent in the dispatch transaction) and publish the outbox rows of `job_ids`
+    (in the same transaction). Failures are left to beat (the periodic dispatcher and the
+    re-publisher)."""
     from orchestrator.scheduling.outbox import relay_quietly
 
     dispatched: list[str] = []
+    relayed = False
     started = time.monotonic()
+    given = [job_ids] if isinstance(job_ids, str) else sorted(set(job_ids))
     try:
         redis = getattr(publish, "redis", None) or _redis_for(get_settings().redis_url)
-        dispatched = dispatch_once(engine, redis, publish=publish)
+        dispatched, relayed = _dispatch_all(engine, redis, None, publish, given)
     except Exception:
         log.warning("dispatch fast path failed; the periodic dispatcher will retry", exc_info=True)
-    given = [job_ids] if isinstance(job_ids, str) else sorted(set(job_ids))
-    if given:
+    if given and not relayed:  # no live worker, or the dispatch failed
         relay_quietly(engine, publish, given)
     log.debug(
         "nudge: %d dispatched in %.1f ms", len(dispatched), 1e3 * (time.monotonic() - started)
