@@ -20,8 +20,8 @@ from orchestrator.execution.progress_webhooks import ProgressWebhooks
 from orchestrator.execution.protocol import JOB_PHASE, Phase, Runner, execute
 from orchestrator.faults import dependency_of
 from orchestrator.scheduling.dispatch import get_publisher
-from orchestrator.scheduling.outbox import relay_quietly
 from orchestrator.scheduling.nudger import Nudger
+from orchestrator.scheduling.outbox import relay_quietly
 from orchestrator.scheduling.slots import record_run
 from orchestrator.storage import get_storage
 
