@@ -1,12 +1,12 @@
 """`scheduler.release` on PostgreSQL is one statement (a data-modifying CTE): it leaves the
 flow exactly as the two-statement path does, for a dispatched entry, a queued one and an
-absent one."""
+absent one, and for a flow that the release makes eligible again."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, update
 
 from billing.clock import utcnow
 from orchestrator.jobs import service as jobs
@@ -41,6 +41,8 @@ def test_one_statement_release_matches_the_two_statement_path(
     with pg_engine.connect() as conn, conn.begin():
         now = utcnow()
         taken(conn, running, now)  # holds a slot now
+        # At its cap: the release makes the flow eligible again (it enters at max(V, F)).
+        conn.execute(update(sched_flows).where(sched_flows.c.account_id == acc).values(cap=1))
         for job_id in (running, waiting, "job_absent"):
             reference = conn.begin_nested()
             release_in_steps(conn, job_id, now.timestamp())
@@ -55,8 +57,10 @@ def test_one_statement_release_matches_the_two_statement_path(
             event.remove(conn, "before_cursor_execute", count)
             assert len(statements) == 1 and statements.pop().startswith("WITH gone AS")
             assert _state(conn, acc) == expected, job_id
+            if job_id == running:  # it entered the line again as of now
+                assert expected[0][sched_flows.c.keys().index("head_since_s")] == now.timestamp()
         flow = conn.execute(select(sched_flows).where(sched_flows.c.account_id == acc)).one()
         assert (flow.running, flow.queued) == (0, 1)  # the third job still waits
         assert _state(conn, acc)[1] == ((third, "queued"),)
         conn.rollback()
-    assert flows._released_stmt() is flows._released_stmt()  # built once
+    assert len(flows.RELEASED_SQL) < 4096  # psycopg caches its parsing of queries this short

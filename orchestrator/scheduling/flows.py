@@ -22,7 +22,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    delete,
     func,
     not_,
     select,
@@ -34,7 +33,7 @@ from sqlalchemy.engine import Row
 from billing.tables import accounts
 from orchestrator.scheduling import fairness
 from orchestrator.settings import Settings, get_settings
-from orchestrator.tables import account_limits, dispatch_queue, sched_flows, sched_queues
+from orchestrator.tables import account_limits, sched_flows, sched_queues
 
 PLANS = ("free", "standard", "business")
 QUEUED: Final = "queued"
@@ -106,27 +105,14 @@ def vtime_expr(queue: Any) -> ColumnElement[Any]:
     )
 
 
-def _plus(column: Any, delta: int | ColumnElement[Any]) -> Any:
-    """`column + delta`, never below 0 where delta may be negative (an SQL delta may)."""
-    if isinstance(delta, int) and delta >= 0:
-        return column + delta
-    return greatest(column + delta, 0)
-
-
-def _changes(
-    d_queued: int | ColumnElement[Any],
-    d_running: int | ColumnElement[Any],
-    *,
-    refresh: bool = False,
-    queue: Any = None,
-) -> dict[str, Any]:
+def _changes(d_queued: int, d_running: int, *, refresh: bool = False) -> dict[str, Any]:
     """SET clauses for `queued += d_queued, running += d_running` (never below 0) of the
     flow (:b_queue, :b_account) at :b_now. With `refresh`, a new backlog period re-reads
-    the plan and limits. `queue` is the flow's queue where it is not :b_queue."""
+    the plan and limits."""
     f = sched_flows.c
     now_s = bindparam("b_now", type_=Float)
-    queued = _plus(f.queued, d_queued)
-    running = _plus(f.running, d_running)
+    queued = greatest(f.queued + d_queued, 0) if d_queued < 0 else f.queued + d_queued
+    running = greatest(f.running + d_running, 0) if d_running < 0 else f.running + d_running
     values: dict[str, Any] = {"queued": queued, "running": running}
     cap: Any = f.cap
     if refresh:
@@ -140,7 +126,7 @@ def _changes(
         }
     eligible = and_(queued > 0, running < cap)
     entering = and_(eligible, not_(and_(f.queued > 0, f.running < f.cap)))
-    head = greatest(vtime_expr(bindparam("b_queue") if queue is None else queue), f.finish_tag)
+    head = greatest(vtime_expr(bindparam("b_queue")), f.finish_tag)
     return values | {
         "head_tag": case((entering, head), else_=f.head_tag),
         "head_since_s": case((entering, now_s), else_=f.head_since_s),
@@ -161,36 +147,37 @@ def _change_stmt(d_queued: int, d_running: int) -> Any:
     )
 
 
-@lru_cache(maxsize=1)
-def _released_stmt() -> Any:
-    """PostgreSQL: the job's line entry (:b_job) deleted and its flow's counters given back
-    (a slot for a dispatched entry, a place for a queued one), as one statement (a
-    data-modifying CTE: the DELETE's row lock first, then the flow's, as in two)."""
-    q = dispatch_queue.c
-    gone = (
-        delete(dispatch_queue)
-        .where(q.job_id == bindparam("b_job"))
-        .returning(q.queue, q.account_id, q.state)
-        .cte("gone")
-    )
-    held_slot = gone.c.state == DISPATCHED
-    return (
-        update(sched_flows)
-        .where(sched_flows.c.queue == gone.c.queue, sched_flows.c.account_id == gone.c.account_id)
-        .values(
-            **_changes(
-                case((held_slot, 0), else_=-1),
-                case((held_slot, -1), else_=0),
-                queue=gone.c.queue,
-            )
-        )
-    )
+# PostgreSQL: `scheduler.release` as one statement. The job's line entry is deleted and its
+# flow given back a slot (a dispatched entry, held = 1) or a place (a queued one, held = 0),
+# with `_changes`' arithmetic; the SET expressions read the flow's own columns, so a
+# concurrent writer's newer row version is what they change. Written out by hand: short
+# enough for psycopg's query cache (4 kB), which the built form (7 kB) missed.
+_NEW_QUEUED: Final = "GREATEST(f.queued - 1 + g.held, 0)"
+_NEW_RUNNING: Final = "GREATEST(f.running - g.held, 0)"
+_ELIGIBLE: Final = f"({_NEW_QUEUED} > 0 AND {_NEW_RUNNING} < f.cap)"
+_ENTERING: Final = f"({_ELIGIBLE} AND NOT (f.queued > 0 AND f.running < f.cap))"
+_HEAD: Final = "GREATEST(g.vtime, f.finish_tag)"
+RELEASED_SQL: Final = f"""WITH gone AS (
+ DELETE FROM dispatch_queue WHERE job_id = %(job)s
+ RETURNING queue, account_id, CASE WHEN state = '{DISPATCHED}' THEN 1 ELSE 0 END AS held
+), g AS (
+ SELECT gone.*, COALESCE((SELECT q.vtime FROM sched_queues q WHERE q.queue = gone.queue), 0.0)
+  AS vtime FROM gone
+)
+UPDATE sched_flows f SET
+ queued = {_NEW_QUEUED},
+ running = {_NEW_RUNNING},
+ head_tag = CASE WHEN {_ENTERING} THEN {_HEAD} ELSE f.head_tag END,
+ head_since_s = CASE WHEN {_ENTERING} THEN %(now)s ELSE f.head_since_s END,
+ sort_key = CASE WHEN {_ENTERING} THEN {_HEAD} + %(aging)s * %(now)s ELSE f.sort_key END,
+ eligible = {_ELIGIBLE}
+FROM g WHERE f.queue = g.queue AND f.account_id = g.account_id"""
 
 
 def released(conn: Connection, job_id: str, now_s: float) -> None:
-    """PostgreSQL only: `scheduler.release` in one round trip (see `_released_stmt`)."""
-    params = {"b_job": job_id, "b_now": now_s, "b_aging": get_settings().sched_aging_per_s}
-    conn.execute(_released_stmt(), params)
+    """PostgreSQL only: `scheduler.release` in one round trip (`RELEASED_SQL`)."""
+    params = {"job": job_id, "now": float(now_s), "aging": float(get_settings().sched_aging_per_s)}
+    conn.exec_driver_sql(RELEASED_SQL, params)
 
 
 @lru_cache(maxsize=8)
