@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
 from celery import Task
+from celery.signals import worker_process_shutdown, worker_shutdown
 
 from orchestrator.db import get_engine
 from orchestrator.events import append_event
@@ -18,8 +20,8 @@ from orchestrator.execution.progress_webhooks import ProgressWebhooks
 from orchestrator.execution.protocol import JOB_PHASE, Phase, Runner, execute
 from orchestrator.faults import dependency_of
 from orchestrator.scheduling.dispatch import get_publisher
+from orchestrator.scheduling.nudger import Nudger
 from orchestrator.scheduling.outbox import relay_quietly
-from orchestrator.scheduling.scheduler import nudge
 from orchestrator.scheduling.slots import record_run
 from orchestrator.storage import get_storage
 
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 # happened (a begun job is taken over, an ended one is skipped).
 FAULT_RETRIES_MAX: Final = 10
 FAULT_RETRY_COUNTDOWN_S: Final = 5
+# At a worker's shutdown its last jobs' nudges get this long; what is left then, beat's
+# periodic dispatcher and re-publisher send (a delay, never a loss).
+NUDGER_STOP_TIMEOUT_S: Final = 5.0
 
 _runners: dict[str, Runner] = {}
 _factories: dict[str, Callable[[], Runner]] = {}
@@ -45,6 +50,29 @@ def runner_for(job_type: str) -> Runner:
     if job_type not in _runners:
         _runners[job_type] = _factories[job_type]()
     return _runners[job_type]
+
+
+_nudger: Nudger | None = None
+_nudger_pid = 0
+
+
+def post_job_nudger() -> Nudger:
+    """This process's nudger for the dispatch + relay after a job's end. Made (and its
+    thread started, at its first poke) in the process that uses it: a prefork pool child
+    never shares its parent's lock, queue or thread."""
+    global _nudger, _nudger_pid
+    if _nudger is None or _nudger_pid != os.getpid():
+        _nudger, _nudger_pid = Nudger(get_engine, get_publisher), os.getpid()
+    return _nudger
+
+
+@worker_process_shutdown.connect(weak=False)
+@worker_shutdown.connect(weak=False)
+def stop_post_job_nudger(**_: Any) -> None:
+    """A pool child's (or a solo worker's) last passes before it exits."""
+    if _nudger is not None and _nudger_pid == os.getpid():
+        with contextlib.suppress(Exception):
+            _nudger.stop(NUDGER_STOP_TIMEOUT_S)
 
 
 def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) -> dict[str, Any]:
@@ -99,5 +127,7 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
     if result.get("status") != "skipped":
         with contextlib.suppress(Exception):  # an estimate for queue ETAs only
             record_run(publisher.redis, job_type, time.monotonic() - started)
-    nudge(engine, publisher, job_id)  # a slot is free: dispatch the next job
+    # A slot is free: dispatch the next job and relay this one's outbox rows, on this
+    # process's nudger thread, so the task returns (and is acked) without waiting for them.
+    post_job_nudger().poke(job_id)
     return result

@@ -123,6 +123,16 @@ def enqueue(
 
 def release(conn: Connection, job_id: str, now: datetime | None = None) -> None:
     """The job's phase ended (or it left the line): give back its slot or its place."""
+    now_s = (now or utcnow()).timestamp()
+    if conn.dialect.name == "postgresql":
+        flows.released(conn, job_id, now_s)  # the same, in one statement
+    else:
+        release_in_steps(conn, job_id, now_s)
+
+
+def release_in_steps(conn: Connection, job_id: str, now_s: float) -> None:
+    """`release` as two statements (SQLite; and the reference the one-statement form is
+    tested against)."""
     gone = conn.execute(
         delete(dispatch_queue)
         .where(dispatch_queue.c.job_id == job_id)
@@ -130,7 +140,6 @@ def release(conn: Connection, job_id: str, now: datetime | None = None) -> None:
     ).first()
     if gone is None:
         return
-    now_s = (now or utcnow()).timestamp()
     if gone.state == DISPATCHED:
         flows.change(conn, gone.queue, gone.account_id, 0, -1, now_s)
     else:

@@ -130,11 +130,44 @@ def pools(
     ]
 
 
+# One round trip each (the worker and the dispatcher run them per job). Lua's
+# string.format("%.6f") writes the mean as Python's f"{mean:.6f}" did.
+RUN_S_LUA: Final = """
+local mean = tonumber(ARGV[2])
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then mean = (1 - tonumber(ARGV[3])) * tonumber(old) + tonumber(ARGV[3]) * mean end
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', mean))
+"""
+# KEYS: one histogram key per wait; ARGV: the bucket count n, the n bucket names (bounds in
+# seconds), then the waits in seconds (one per key).
+WAITS_LUA: Final = """
+local n = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local wait = tonumber(ARGV[n + 1 + i])
+  for b = 2, n + 1 do
+    if wait <= tonumber(ARGV[b]) then redis.call('HINCRBY', key, ARGV[b], 1) end
+  end
+  redis.call('HINCRBY', key, '+Inf', 1)
+  redis.call('HINCRBYFLOAT', key, 'sum', ARGV[n + 1 + i])
+end
+"""
+WAITS_PER_CALL_MAX: Final = 200  # waits per script call (a dispatch pass sends fewer)
+_scripts: dict[str, Any] = {}
+
+
+def _script(redis: Any, source: str) -> Any:
+    """A redis-py Script (EVALSHA, loading it on NOSCRIPT), made once per process; the
+    caller passes its own client at each call."""
+    if source not in _scripts:
+        _scripts[source] = redis.register_script(source)
+    return _scripts[source]
+
+
 def record_run(redis: Any, task: str, seconds: float) -> None:
     """Fold one run into the family's mean (a lost update only blurs an estimate)."""
-    old = redis.hget(RUN_S_KEY, task)
-    mean = seconds if old is None else (1 - RUN_S_ALPHA) * float(old) + RUN_S_ALPHA * seconds
-    redis.hset(RUN_S_KEY, task, f"{mean:.6f}")
+    _script(redis, RUN_S_LUA)(
+        keys=[RUN_S_KEY], args=[task, repr(seconds), RUN_S_ALPHA], client=redis
+    )
 
 
 def mean_run_s(redis: Any) -> dict[str, float]:
@@ -143,15 +176,16 @@ def mean_run_s(redis: Any) -> dict[str, float]:
 
 def record_waits(redis: Any, waits: Iterable[tuple[str, float]]) -> None:
     """Count queue waits (plan, seconds) into cumulative histogram buckets."""
-    pipe = redis.pipeline(transaction=False)
-    for plan, wait_s in waits:
-        key = WAIT_KEY.format(plan=plan)
-        for bound in WAIT_BUCKETS_S:
-            if wait_s <= bound:
-                pipe.hincrby(key, str(bound), 1)
-        pipe.hincrby(key, "+Inf", 1)
-        pipe.hincrbyfloat(key, "sum", wait_s)
-    pipe.execute()
+    waits = list(waits)
+    bounds = [str(b) for b in WAIT_BUCKETS_S]
+    script = _script(redis, WAITS_LUA)
+    for start in range(0, len(waits), WAITS_PER_CALL_MAX):
+        batch = waits[start : start + WAITS_PER_CALL_MAX]
+        script(
+            keys=[WAIT_KEY.format(plan=plan) for plan, _ in batch],
+            args=[len(bounds), *bounds, *(repr(float(w)) for _, w in batch)],
+            client=redis,
+        )
 
 
 def wait_histogram(redis: Any, plan: str) -> tuple[list[tuple[str, float]], float]:
