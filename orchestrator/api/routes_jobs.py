@@ -101,7 +101,7 @@ def quote(
         ),
     },
 )
-def submit_job(
+async def submit_job(
     body: Annotated[JobRequest | JobSpec, Body(openapi_examples=spec_examples(wrapped=True))],
     account_id: AccountId,
     engine: EngineDep,
@@ -116,12 +116,15 @@ def submit_job(
     the credits are held, and it is queued. With `Idempotency-Key`, retrying the same body
     returns the same job (200); another body under that key is a 409. The answer comes at
     the job's commit; its dispatch and relay follow on the process's nudger thread."""
+    # `async def`, the transaction sent to the thread pool here: for a sync endpoint FastAPI
+    # would run the response's validation in the pool too (a second thread hop per request).
     events: list[str] | None = None
     if isinstance(body, JobRequest):
         spec, callback_url, events = body.spec, body.callback_url, body.webhook_events_filter
     else:
         spec, callback_url = body.as_spec(), None
-    submitted = jobs.submit(
+    submitted = await run_in_threadpool(
+        jobs.submit,
         engine,
         storage,
         account_id,
