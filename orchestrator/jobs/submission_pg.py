@@ -14,18 +14,19 @@ tests/api/test_submit_paths.py checks both give the same ledger effects.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Final
+from collections import namedtuple
+from datetime import UTC, datetime
+from typing import Any, Final, cast
 
-from sqlalchemy import JSON, BigInteger, Boolean, Connection, bindparam, column, text
+from psycopg.types.json import Json
+from sqlalchemy import Connection
 from sqlalchemy.engine import Row
-from sqlalchemy.sql.elements import TextClause
 
 from billing.ledger_pg import HOLD_COLUMNS, hold_result
-from billing.tables import UTCDateTime
 from orchestrator.tables import jobs
 
-# The job columns submit writes; the others take their server defaults (0, false, NULL).
+# The job columns submit writes; the others take their server defaults (SERVER_DEFAULTS,
+# or NULL), which the returned row carries without reading them back.
 INSERTED: Final = (
     "id",
     "account_id",
@@ -47,48 +48,47 @@ INSERTED: Final = (
     "created_at",
     "updated_at",
 )
+SERVER_DEFAULTS: Final[dict[str, Any]] = {
+    "charged": 0,
+    "refunded": 0,
+    "progress_step": 0,
+    "progress_total": 0,
+    "cancel_requested": False,
+}
 JSON_PARAMS: Final = ("spec", "outputs", "webhook_events_filter")
-_CASTS: Final = {name: f"CAST(:{name} AS JSON)" for name in JSON_PARAMS}
+TIME_PARAMS: Final = ("deadline_at", "created_at", "updated_at")
+# A job row as the statement inserted it: read by attribute, like a result Row.
+JobRow = namedtuple("JobRow", [c.name for c in jobs.c])  # type: ignore[misc]
 
-
-def _statement() -> TextClause:
-    values = ", ".join(_CASTS.get(name, f":{name}") for name in INSERTED)
-    returned = ", ".join(f"j.{c.name}" for c in jobs.c)  # by name: the table's order in Python
-    sql = f"""
+_VALUES: Final = ", ".join(
+    f"%({name})s::json" if name in JSON_PARAMS else f"%({name})s" for name in INSERTED
+)
+# Plain driver SQL (pyformat, as psycopg takes it): no SQLAlchemy statement compiling, bind
+# or result processing per call. Timestamps go in as naive UTC, as the tables store them.
+SUBMIT_SQL: Final = f"""
 WITH h AS (
     SELECT {", ".join(HOLD_COLUMNS)} FROM tollgate_ledger_hold(
-        CAST(:account_id AS text), CAST(:credit_kind AS text), CAST(:price AS bigint),
-        CAST(:id AS text), CAST(:ttl_s AS integer), CAST(:now AS timestamp))
+        %(account_id)s::text, %(credit_kind)s::text, %(price)s::bigint, %(id)s::text,
+        %(ttl_s)s::integer, %(now)s::timestamp)
 ), j AS (
     INSERT INTO jobs ({", ".join(INSERTED)})
-    SELECT {values} FROM h WHERE h.r_error IS NULL
-    RETURNING *
+    SELECT {_VALUES} FROM h WHERE h.r_error IS NULL
+    RETURNING id
 ), o AS (
     INSERT INTO outbox (topic, job_id, payload, created_at)
-    SELECT 'event', j.id, CAST(:payload AS JSON), :now FROM j
+    SELECT 'event', j.id, %(payload)s::json, %(now)s FROM j
 )
 SELECT {", ".join(f"h.{c}" for c in HOLD_COLUMNS)},
     EXISTS (SELECT 1 FROM balance_alerts AS a
-            WHERE a.account_id = :account_id AND a.kind = :credit_kind) AS has_alert,
-    {returned}
-FROM h LEFT JOIN j ON true"""
-    hold_types: dict[str, Any] = {"r_available": BigInteger, "r_expires_at": UTCDateTime}
-    return (
-        text(sql)
-        .bindparams(
-            *(bindparam(name, type_=JSON) for name in (*JSON_PARAMS, "payload")),
-            *(bindparam(name, type_=UTCDateTime) for name in ("now", "deadline_at")),
-            *(bindparam(name, type_=UTCDateTime) for name in ("created_at", "updated_at")),
-        )
-        .columns(
-            *(column(name, hold_types.get(name)) for name in HOLD_COLUMNS),
-            column("has_alert", Boolean),
-            *jobs.c,
-        )
-    )
+            WHERE a.account_id = %(account_id)s AND a.kind = %(credit_kind)s) AS has_alert,
+    (SELECT count(*) FROM j) AS inserted
+FROM h"""
 
 
-SUBMIT: Final = _statement()  # built once: the hot path's one statement
+def _naive_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    return value.astimezone(UTC).replace(tzinfo=None)
 
 
 def insert_and_hold(
@@ -97,6 +97,15 @@ def insert_and_hold(
     """Hold `values["price"]` credits under the job's id and insert the job (`values`: the
     INSERTED columns) with its `event` outbox row. Returns the job row and whether the
     account has an alert on the kind. Raises what billing.ledger.hold raises."""
-    row = conn.execute(SUBMIT, {**values, "ttl_s": ttl_s, "payload": payload, "now": now}).one()
+    params = dict(values)
+    for name in JSON_PARAMS:  # None as JSON null, as SQLAlchemy's JSON type stores it
+        params[name] = Json(params[name])
+    for name in TIME_PARAMS:
+        params[name] = _naive_utc(params[name])
+    params.update(ttl_s=ttl_s, payload=Json(payload), now=_naive_utc(now))
+    row = conn.exec_driver_sql(SUBMIT_SQL, params).one()
     hold_result(row, values["account_id"], values["credit_kind"], values["price"], values["id"])
-    return row, bool(row.has_alert)
+    if row.inserted != 1:
+        raise AssertionError(f"submit inserted {row.inserted} job rows for {values['id']}")
+    job = JobRow(**{c.name: values.get(c.name, SERVER_DEFAULTS.get(c.name)) for c in jobs.c})
+    return cast(Row[Any], job), bool(row.has_alert)
