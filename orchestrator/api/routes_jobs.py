@@ -16,7 +16,7 @@ from fastapi import (
     Response,
     status,
 )
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Engine, select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -42,7 +42,9 @@ from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs import states
 from orchestrator.jobs.images import IMAGE_BYTES_MAX, InvalidImage, store_image
+from orchestrator.jobs.records import OutputSigner
 from orchestrator.scheduling.nudger import Nudger
+from orchestrator.scheduling.outbox import Publisher
 from orchestrator.scheduling.queues import queue_info
 from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage, get_storage
@@ -169,7 +171,7 @@ def list_jobs(
     response_model=JobOut,
     responses={200: JOB_OK, **responses(401, 404)},
 )
-def get_job(
+async def get_job(
     request: Request,
     job_id: JobIdPath,
     account_id: AccountId,
@@ -182,10 +184,24 @@ def get_job(
     /v1/outputs/... on local storage. `webhook` shows the last callback delivery. While it
     waits for a worker slot, `queue: {position, eta_s}` (computed at most once a second per
     API process: QUEUE_POSITION_TTL_S)."""
+    # One thread hop (as for submit_job): the reads in the pool, the answer's validation here.
     sign = output_urls.signer(storage, output_urls.base_url(request))
+    positions: TtlCache[dict[str, Any]] = request.app.state.queue_positions
+    return await run_in_threadpool(
+        _job_with_place, engine, account_id, job_id, sign, positions, publish
+    )
+
+
+def _job_with_place(
+    engine: Engine,
+    account_id: str,
+    job_id: str,
+    sign: OutputSigner,
+    positions: TtlCache[dict[str, Any]],
+    publish: Publisher,
+) -> dict[str, Any]:
     job = jobs.get(engine, account_id, job_id, sign)
     if job["status"] in (states.QUEUED, states.RENDERING):
-        positions: TtlCache[dict[str, Any]] = request.app.state.queue_positions
         job["queue"] = positions.get(job_id)
         redis = getattr(publish, "redis", None)
         if job["queue"] is None and redis is not None:
