@@ -9,7 +9,11 @@ then). It runs inside the job service's submit transaction, so the hold and the 
 commit together, durably, or not at all; a hold error comes back as a code and is raised as
 the Python path's exception (billing.ledger_pg.hold_result), which rolls that transaction
 back. SQLite keeps the Python path (orchestrator.jobs.service._insert_and_hold_py);
-tests/api/test_submit_paths.py checks both give the same ledger effects.
+tests/test_submit_paths.py checks both store the same rows and ledger effects.
+
+The alert lookup reads the statement's snapshot, taken before the hold waits for the balance
+lock: an alert that `alerts.set_alerts` commits during that wait is not seen by this hold
+(its webhook fires at the account's next credit change, which runs `alerts.check`).
 """
 
 from __future__ import annotations
