@@ -11,9 +11,10 @@ are centre-cropped and resized to the training resolution; loss is MSE between t
 UNet prediction and the noise (or v-target) for latents noised with
 ``scheduler.add_noise``. ``on_step(step, total)`` returning False stops the run after
 that step, writes a checkpoint and raises :class:`~models.errors.Canceled`. A checkpoint
-(LoRA weights, optimiser and RNG state) is written every ``checkpoint_every`` steps;
-``train(..., resume=True)`` continues from the newest one and reaches the same weights
-as an uninterrupted run (on CPU).
+(LoRA weights, optimiser and RNG state; :mod:`models.lora_checkpoint`) is written every
+``checkpoint_every`` steps, and also saved to ``store=`` when given (the worker's copy in
+the job's storage); ``train(..., resume=True)`` continues from the newest local one, else
+the stored one, and reaches the same weights as an uninterrupted run (on CPU).
 
 SDXL (family ``sdxl``) trains a UNet-only LoRA the same way, conditioned like
 diffusers' ``train_dreambooth_lora_sdxl.py``: the prompt goes through both text
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 from models.compat import set_offline_env
 from models.device import pick_device
 from models.errors import Canceled, InvalidImage, InvalidRequest, ModelFileMissing, ModelLoadError
+from models.lora_checkpoint import CheckpointStore, resume_state, save_checkpoint
+from models.lora_checkpoint import latest_checkpoint as latest_checkpoint  # re-exported
 from models.registry import ModelEntry, SDOptions
 
 if TYPE_CHECKING:
@@ -47,7 +49,6 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], bool | None]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
 def instance_prompt(token: str, subject: str) -> str:
@@ -104,14 +105,6 @@ def prepare_images(images: Sequence[Image.Image], size: int) -> Any:
         arr = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
         out.append(torch.from_numpy(arr.transpose(2, 0, 1).copy()))
     return torch.stack(out)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckdir = Path(output_dir) / "checkpoints"
-    if not ckdir.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := _CKPT_RE.match(p.name))]
-    return max(found)[1] if found else None
 
 
 class DreamBoothLoraTrainer:
@@ -206,34 +199,6 @@ class DreamBoothLoraTrainer:
             embeds.append(enc.hidden_states[-2])
         return torch.cat(embeds, dim=-1), pooled
 
-    @staticmethod
-    def _save_checkpoint(
-        path: Path,
-        unet: Any,
-        opt: Any,
-        gen: Any,
-        step: int,
-        cfg: LoraTrainConfig,
-        losses: list[float],
-    ) -> None:
-        import torch
-        from peft.utils import get_peft_model_state_dict
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "lora": {
-                k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()
-            },
-            "optimizer": opt.state_dict(),
-            "rng": gen.get_state(),
-            "step": step,
-            "losses": list(losses),
-            "config": json.dumps(asdict(cfg)),
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-
     # ------------------------------------------------------------------ train
     def train(
         self,
@@ -243,8 +208,11 @@ class DreamBoothLoraTrainer:
         *,
         on_step: ProgressFn | None = None,
         resume: bool = True,
+        store: CheckpointStore | None = None,
     ) -> LoraTrainResult:
-        """Train and write ``output_dir/pytorch_lora_weights.safetensors``."""
+        """Train and write ``output_dir/pytorch_lora_weights.safetensors``. With `store`,
+        each periodic checkpoint is also saved there (not the one written on a stop), and a
+        resume with no usable local checkpoint fetches it from there first."""
         import torch
         import torch.nn.functional as F
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -317,16 +285,12 @@ class DreamBoothLoraTrainer:
         n_train = int(sched.config.num_train_timesteps)
 
         start, losses = 0, []
-        ckpt = latest_checkpoint(out) if resume else None
-        if ckpt is not None:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            if json.loads(state["config"]) != json.loads(json.dumps(asdict(cfg))):
-                raise InvalidRequest(f"checkpoint {ckpt} was made with a different training config")
+        state = resume_state(out, cfg, unet, gen, store) if resume else None
+        if state is not None:
             set_peft_model_state_dict(unet, state["lora"])
             opt.load_state_dict(state["optimizer"])
             gen.set_state(state["rng"])
-            start, losses = int(state["step"]), list(state["losses"])
-            log.info("resuming LoRA training from %s (step %d)", ckpt, start)
+            start, losses = state["step"], state["losses"]
 
         n = pixels.shape[0]
         for step in range(start, cfg.steps):
@@ -354,14 +318,13 @@ class DreamBoothLoraTrainer:
             losses.append(float(loss.detach()))
             done = step + 1
             stop = on_step is not None and on_step(done, cfg.steps) is False
-            if stop or (
-                cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps
-            ):
-                self._save_checkpoint(
-                    out / "checkpoints" / f"checkpoint-{done}.pt", unet, opt, gen, done, cfg, losses
-                )
-            if stop:
-                raise Canceled(done, cfg.steps, "LoRA training")
+            periodic = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0
+            if stop or (periodic and done < cfg.steps):
+                path = save_checkpoint(out, unet, opt, gen, done, cfg, losses)
+                if stop:
+                    raise Canceled(done, cfg.steps, "LoRA training")
+                if store is not None:
+                    store.save(path, done)
 
         unet.eval()
         lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))

@@ -20,6 +20,7 @@ from models.errors import ModelConfigError
 from models.esrgan import Upscaler
 from models.gfpgan import FaceEnhancer, FaceResult
 from models.lora import DreamBoothLoraTrainer, LoraTrainConfig, LoraTrainResult
+from models.lora_checkpoint import CheckpointStore
 from models.registry import GFPGANOptions, ModelEntry, Registry, load_registry
 from models.sd import GenerateResult, ProgressFn, SafetyCheck, SDModel
 
@@ -168,10 +169,14 @@ class ModelManager:
         *,
         on_step: ProgressFn | None = None,
         resume: bool = True,
+        store: CheckpointStore | None = None,
     ) -> LoraTrainResult:
-        """DreamBooth-LoRA on an sd15 entry; render it with ``txt2img(..., lora=output_dir)``."""
+        """DreamBooth-LoRA on an sd15/sdxl entry; render it with ``txt2img(..., lora=output_dir)``.
+        ``store``: a ``models.lora_checkpoint.CheckpointStore`` that keeps checkpoints too."""
         trainer = DreamBoothLoraTrainer.from_entry(self.registry.get(model_id), device=self.device)
-        return trainer.train(images, output_dir, config, on_step=on_step, resume=resume)
+        return trainer.train(
+            images, output_dir, config, on_step=on_step, resume=resume, store=store
+        )
 
     def remove_background(
         self, model_id: str, image: Image.Image, *, alpha_matting: bool | None = None

@@ -7,6 +7,7 @@ import random
 from collections import Counter
 
 from orchestrator.scheduling.fairness import Flow, dispatched, entering, flow_key, jobs_ahead, pick
+from orchestrator.scheduling.slots import Pool, WorkerSlots, pools
 
 NOW = 1_000_000.0
 AGING = 0.01
@@ -125,3 +126,16 @@ def test_position_estimate() -> None:
     # own's 3rd job (2 ahead) has tag 1.5: flood's heads at 1.0 go first (1 job of tag <= 1.5)
     assert jobs_ahead(2, own, others, AGING) == 2 + 1
     assert jobs_ahead(0, own, [], AGING) == 0
+
+
+def test_a_worker_on_several_queues_counts_its_slots_once() -> None:
+    workers = [
+        WorkerSlots("both", ("gpu.post", "gpu.txt2img", "tollgate.callbacks"), 2),
+        WorkerSlots("txt", ("gpu.txt2img",), 4),
+        WorkerSlots("tune", ("gpu.tune",), 1),
+    ]
+    got = pools(workers, 1, only={"gpu.post", "gpu.txt2img", "gpu.tune"})
+    assert got == [
+        Pool(("gpu.post", "gpu.txt2img"), {"gpu.post": 3, "gpu.txt2img": 8}, 8),
+        Pool(("gpu.tune",), {"gpu.tune": 2}, 2),
+    ]

@@ -110,3 +110,38 @@ def test_fair_order_caps_and_cancel_on_sqlite(
     assert completed == {"std": 10, "free": 9}
     statuses = {jobs.get(engine, None, j)["status"] for j in free_ids[:-1] + std_ids}
     assert statuses == {"succeeded"}
+
+
+def test_a_worker_on_two_queues_shares_its_slots(
+    sqlite_engine: Engine, storage: Storage, settings_env: None, redis_url: str
+) -> None:
+    from tests.test_scheduling_e2e import _png
+
+    engine = sqlite_engine
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    both = slots.WorkerSlots("sqlite-both", ("gpu.post", "gpu.txt2img"), 2)
+    slots.announce(client, both, ttl_s=120)
+    try:
+        acc = new_account(engine, "business")
+        grant(engine, acc, 100)
+        txt = _submit(engine, storage, acc, 4)
+        post = [
+            str(
+                jobs.submit(
+                    engine, storage, acc, {"type": "remove_background", "image_b64": _png()}
+                ).job["id"]
+            )
+            for _ in range(4)
+        ]
+        sent = dispatch_once(engine, client)
+        assert len(sent) == 3  # 2 processes + 1 buffer for both queues, not 3 for each
+        assert {j in post for j in sent} == {True, False}  # the longer-waiting heads first
+        assert dispatch_once(engine, client) == []
+        _finish(engine, sent[:1])
+        assert len(dispatch_once(engine, client)) == 1
+        _check_counters(engine)
+    finally:
+        slots.withdraw(client, both)
+        for j in txt + post:
+            if jobs.get(engine, None, j)["status"] != "succeeded":
+                jobs.cancel(engine, None, j)

@@ -120,7 +120,7 @@ from orchestrator.scheduling.dispatch import Publisher
 from orchestrator.settings import get_settings
 
 where = sys.argv[1]
-real = scheduler._dispatch_queue
+real = scheduler._dispatch_pool
 
 def dying(conn, **kw):
     out = real(conn, **kw)  # every statement of the batch ran, nothing is committed yet
@@ -128,7 +128,7 @@ def dying(conn, **kw):
         os.kill(os.getpid(), signal.SIGKILL)
     return out
 
-scheduler._dispatch_queue = dying
+scheduler._dispatch_pool = dying
 redis = Publisher(get_settings().redis_url).redis
 ids = scheduler.dispatch_once(get_engine(), redis)
 if where == "after-commit" and ids:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from datetime import timedelta
@@ -28,6 +29,7 @@ from orchestrator.settings import get_settings
 from orchestrator.settlement import retention
 from orchestrator.storage import Storage
 from orchestrator.tunes import service as tunes
+from orchestrator.tunes.checkpoints import checkpoint_key
 from tests.ledger_helpers import grant, new_account
 from tests.lifecycle_helpers import row, wait_until
 from tests.support.services import celery_worker
@@ -38,10 +40,17 @@ RENDER_STEPS = 2
 
 
 @pytest.fixture(scope="module")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tune worker's TOLLGATE_WORK_DIR (local training checkpoints)."""
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="module")
 def tune_worker(
     service_env: dict[str, str],
     settings_env: None,
     models_kit_dir: Path,
+    work_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Any]:
     env = {
@@ -51,7 +60,7 @@ def tune_worker(
         "HF_HUB_OFFLINE": "1",
         "TOLLGATE_TUNE_RENDER_SIZE_PX": str(RENDER_PX),
         "TOLLGATE_TUNE_RENDER_STEPS_MAX": str(RENDER_STEPS),
-        "TOLLGATE_WORK_DIR": str(tmp_path_factory.mktemp("work")),
+        "TOLLGATE_WORK_DIR": str(work_dir),
     }
     with celery_worker(
         env,
@@ -264,8 +273,8 @@ def _pool_children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def test_worker_killed_mid_training_resumes_from_its_checkpoint(
-    tune_worker: Any, pg_engine: Engine, storage: Storage, redis_url: str
+def test_worker_killed_mid_training_resumes_from_the_stored_checkpoint(
+    tune_worker: Any, work_dir: Path, pg_engine: Engine, storage: Storage, redis_url: str
 ) -> None:
     acc = funded(pg_engine, tune=1, tune_image=0)
     tune_id = submit(pg_engine, storage, redis_url, acc, tune_spec(steps=150))
@@ -275,13 +284,22 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(
         lambda r: r.status == "training" and r.progress_step >= 40,
         TUNE_TIMEOUT_S,
     )
-    for child in _pool_children(tune_worker.pid):
+    assert storage.exists(checkpoint_key(tune_id))  # checkpoints every 15 steps
+    # The next attempt lands on this worker, but as if it were another one: the training
+    # child is frozen, its local checkpoints deleted, then it is killed.
+    children = _pool_children(tune_worker.pid)
+    for child in children:
+        os.kill(child, signal.SIGSTOP)
+    shutil.rmtree(work_dir / "tunes" / tune_id)
+    for child in children:
         os.kill(child, signal.SIGKILL)
     done = wait_status(pg_engine, tune_id, "awaiting_credits", "failed")
     assert done.status == "awaiting_credits", done.error
     assert done.attempt == 0  # reset for the render phase, after attempt 2 trained
     tune = run_transaction(pg_engine, lambda c: tunes.get_tune(c, tune_id))
-    assert tune.training["resumed_from"] >= 15  # checkpoints every 15 steps
+    assert tune.training["resumed_from"] >= 30  # from storage: no local checkpoint was left
+    assert not storage.exists(checkpoint_key(tune_id))  # deleted when training ended
+    assert not (work_dir / "tunes" / tune_id).exists()
     assert balance(pg_engine, acc, "tune").balance == 0  # charged once
     assert run_transaction(pg_engine, verify) == []
 
@@ -307,10 +325,12 @@ def test_retention_by_plan_with_an_injected_clock(
     assert ids[free] not in retention.sweep_expired(
         pg_engine, storage, trained + timedelta(days=29)
     )
+    storage.put(checkpoint_key(ids[free]), b"a leftover training checkpoint")
     swept = retention.sweep_expired(pg_engine, storage, trained + timedelta(days=31))
     assert ids[free] in swept and ids[paid] not in swept
     assert row(pg_engine, ids[free]).status == "expired"
     assert not storage.exists(free_tune.lora_key)
+    assert not storage.exists(checkpoint_key(ids[free]))
     grant(pg_engine, free, 8, kind="tune_image")
     with pytest.raises(tunes.TuneGone):
         jobs.submit(
@@ -341,12 +361,14 @@ def test_cancel_during_training_refunds_both_holds(
     wait_until(
         pg_engine,
         tune_id,
-        lambda r: r.status == "training" and r.progress_step >= 5,
+        lambda r: r.status == "training" and r.progress_step >= 16,
         TUNE_TIMEOUT_S,
     )
+    assert storage.exists(checkpoint_key(tune_id))  # the step-15 checkpoint
     assert jobs.cancel(pg_engine, acc, tune_id)["status"] == "training"  # stops at its next step
     done = wait_status(pg_engine, tune_id, "canceled", "failed", "rendering", "awaiting_credits")
     assert done.status == "canceled"
+    assert not storage.exists(checkpoint_key(tune_id))
     assert balance(pg_engine, acc, "tune").available == 1
     assert balance(pg_engine, acc, "tune_image").available == 64
 

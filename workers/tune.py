@@ -5,6 +5,7 @@ Both run through orchestrator.execution.protocol with the tune's phases
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from orchestrator.execution.protocol import JobStopped, RunContext, Runner
 from orchestrator.jobs.styles import get_catalogue
 from orchestrator.settings import get_settings
 from orchestrator.tables import tunes
+from orchestrator.tunes.checkpoints import StoredCheckpoint
 from orchestrator.tunes.service import RENDER_PHASE, TRAINING_PHASE, get_tune
 from workers.app import app
 from workers.contact_sheet import contact_sheet
@@ -74,16 +76,25 @@ def make_training_runner() -> Runner:
             checkpoint_every=max(1, steps // CHECKPOINTS_PER_RUN),
             resolution=get_settings().tune_train_size_px,
         )
-        # Checkpoints stay on this worker: a redelivered job resumes here instead of restarting.
+        # Checkpoints are written here and, every checkpoint_every steps, to the job's
+        # storage too: a redelivery to this worker resumes from here, one the lease sweep
+        # sends to another worker from storage.
         work_dir = get_settings().work_dir / "tunes" / ctx.job_id
+        store = StoredCheckpoint(ctx.storage, ctx.job_id)
         on_step, stopped = _stopper(ctx, 0, steps)
         try:
-            result = manager.train_lora(tune.base_model, images, work_dir, config, on_step=on_step)
+            result = manager.train_lora(
+                tune.base_model, images, work_dir, config, on_step=on_step, store=store
+            )
         except Canceled:
-            raise stopped[0] if stopped else JobStopped("canceled") from None
+            stop = stopped[0] if stopped else JobStopped("canceled")
+            if stop.reason == "canceled":  # (superseded: another attempt may be here)
+                shutil.rmtree(work_dir, ignore_errors=True)
+            raise stop from None
         key = f"tunes/{ctx.job_id}/lora.safetensors"
         ctx.storage.put(key, result.weights.read_bytes())
         _record(ctx, lora_key=key, training={**tune.training, "resumed_from": result.resumed_from})
+        shutil.rmtree(work_dir, ignore_errors=True)
 
     return run
 

@@ -152,8 +152,12 @@ class LimitsOut(BaseModel):
     },
 )
 def set_limits(account_id: AccountIdPath, body: LimitsIn, engine: EngineDep) -> dict[str, Any]:
-    """Override the account's running cap (every queue); takes effect at the next dispatch."""
-    return queues.set_running_cap(engine, account_id, body.running_cap)
+    """Override the account's running cap (every queue); a dispatch follows at once, so a
+    raised cap takes effect now."""
+    out = queues.set_running_cap(engine, account_id, body.running_cap)
+    with contextlib.suppress(Exception):  # best effort: beat dispatches within a second
+        nudge(engine, get_publisher())
+    return out
 
 
 @router.get(

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import Connection, Engine, case, func, select, update
 
 from billing import ledger
 from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.jobs.families import GPU_QUEUES
 from orchestrator.scheduling import fairness, slots
+from orchestrator.scheduling.flows import greatest, vtime_expr
 from orchestrator.scheduling.scheduler import DISPATCHED, QUEUED, _as_flow, _insert_ignore, plan_cap
 from orchestrator.settings import get_settings
 from orchestrator.tables import account_limits, dispatch_queue, sched_flows
@@ -134,7 +135,7 @@ def overview(engine: Engine, redis: Any) -> dict[str, Any]:
 
 def set_running_cap(engine: Engine, account_id: str, running_cap: int | None) -> dict[str, Any]:
     """An operator's override of an account's running cap on every queue (None: back to
-    its plan's). Takes effect at the next dispatch."""
+    its plan's). Takes effect at the next dispatch (the route nudges one at once)."""
     if running_cap is not None and not 0 <= running_cap <= RUNNING_CAP_MAX:
         from billing import InvalidJobSpec
 
@@ -152,10 +153,24 @@ def set_running_cap(engine: Engine, account_id: str, running_cap: int | None) ->
             .values(running_cap=running_cap, updated_at=now)
         )
         cap = running_cap if running_cap is not None else plan_cap(get_settings(), account.plan)
+        f = sched_flows.c
+        eligible = (f.queued > 0) & (f.running < cap)
+        entering = eligible & ~f.eligible  # a raised cap: enters at max(V, F), as of now
+        head = greatest(vtime_expr(f.queue), f.finish_tag)
+        now_s = now.timestamp()
         conn.execute(
             update(sched_flows)
-            .where(sched_flows.c.account_id == account_id)
-            .values(cap=cap, eligible=(sched_flows.c.queued > 0) & (sched_flows.c.running < cap))
+            .where(f.account_id == account_id)
+            .values(
+                cap=cap,
+                eligible=eligible,
+                head_tag=case((entering, head), else_=f.head_tag),
+                head_since_s=case((entering, now_s), else_=f.head_since_s),
+                sort_key=case(
+                    (entering, head + get_settings().sched_aging_per_s * now_s),
+                    else_=f.sort_key,
+                ),
+            )
         )
         return {"account_id": account_id, "plan": account.plan, "running_cap": cap}
 

@@ -1,15 +1,23 @@
-"""Admission by capacity, in fair order (the order itself: orchestrator.scheduling.fairness).
+"""Admission by capacity, in fair order (the order itself: orchestrator.scheduling.fairness;
+a flow's counters in SQL: orchestrator.scheduling.flows).
 
 - `enqueue(conn, ...)`: in the caller's transaction (submit, a tune's next phase, a
-  requeue), a job phase joins `dispatch_queue` as `queued`; its account's flow is updated.
+  requeue), a job phase joins `dispatch_queue` as `queued`: two statements (the entry, and
+  one upsert of its account's flow).
 - `release(conn, job_id)`: in the transaction that ends the phase (any settle, cancel,
-  expiry), the entry is deleted and its slot (or its place in line) given back.
-- `dispatch_once(engine, redis)`: per queue with live workers, ONE transaction under the
-  queue's row lock (PostgreSQL; SQLite's BEGIN IMMEDIATE serialises it anyway): free =
-  live slots + buffer - dispatched; the first `free` eligible flows by key are read
-  (O(picks) rows of an index, whatever the backlog), the fair picks are marked
-  `dispatched` and their Celery tasks written to the outbox. A crash before commit changes
-  nothing; after it, the outbox publishes (at least once). Run after a submit, when a job
+  expiry), the entry is deleted and its slot (or its place in line) given back: two
+  statements.
+- `dispatch_once(engine, redis)`: per pool of queues that share live workers
+  (slots.pools: a worker's concurrency counts once), ONE transaction under the pool's
+  queue-row locks (PostgreSQL; SQLite's BEGIN IMMEDIATE serialises it anyway), which also
+  reads the jobs in flight and whether any flow is eligible: free = capacity - in flight;
+  the first `free` eligible flows by key are read (O(picks) rows of an index, whatever
+  the backlog), the fair picks are marked `dispatched` and their Celery tasks written to
+  the outbox, all in a few batched statements. A crash before commit changes nothing;
+  after it, the outbox publishes (at least once). Given `publish` (the nudge), the tasks
+  are sent just before COMMIT and their outbox rows written as published: no relay
+  transaction; a COMMIT that then fails leaves a task whose job is still `queued`, which
+  the worker takes as sent around the scheduler (`taken`). Run after a submit, when a job
   ends (`nudge`) and every `dispatch_interval_s` from beat, so nothing depends on a nudge.
 """
 
@@ -17,144 +25,58 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache, partial
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import (
+    Connection,
+    Engine,
+    delete,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Row
 
 from billing.clock import utcnow
 from billing.db import run_transaction
-from billing.tables import accounts
+from orchestrator.db import commit_without_flush_wait
 from orchestrator.jobs.families import FAMILIES, family_for
-from orchestrator.scheduling import fairness, slots
-from orchestrator.settings import Settings, get_settings
-from orchestrator.tables import (
-    account_limits,
-    dispatch_queue,
-    jobs,
-    outbox,
-    sched_flows,
-    sched_queues,
+from orchestrator.scheduling import flows, slots
+from orchestrator.scheduling.decision import FLOW_WRITE, apply_plan, lock_queues, plan_queue, share
+from orchestrator.scheduling.flows import (
+    DISPATCHED,
+    QUEUED,
+    _as_flow,
+    _insert_ignore,
+    plan_cap,
+    plan_weight,
 )
+from orchestrator.scheduling.outbox import RELAY_BATCH_MAX
+from orchestrator.settings import get_settings
+from orchestrator.tables import dispatch_queue, jobs, outbox, sched_flows, sched_queues
 
 log = logging.getLogger(__name__)
 
 FAMILY_QUEUES: Final = frozenset(f.queue for f in FAMILIES.values())
-QUEUED: Final = "queued"
-DISPATCHED: Final = "dispatched"
+__all__ = [
+    "DISPATCHED",
+    "QUEUED",
+    "_as_flow",
+    "_insert_ignore",
+    "plan_cap",
+    "plan_weight",
+    "enqueue",
+    "release",
+    "taken",
+    "dispatch_once",
+    "nudge",
+]
 
-
-def plan_weight(settings: Settings, plan: str) -> float:
-    return float(getattr(settings, f"plan_weight_{plan}", settings.plan_weight_free))
-
-
-def plan_cap(settings: Settings, plan: str) -> int:
-    return int(getattr(settings, f"plan_running_cap_{plan}", settings.plan_running_cap_free))
-
-
-def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any]) -> None:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    conn.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
-
-
-def _vtime(conn: Connection, queue: str, *, lock: bool = False) -> float:
-    stmt = select(sched_queues.c.vtime).where(sched_queues.c.queue == queue)
-    value = conn.execute(stmt.with_for_update() if lock else stmt).scalar()
-    if value is None:
-        _insert_ignore(conn, sched_queues, {"queue": queue, "vtime": 0.0})
-        value = conn.execute(stmt.with_for_update() if lock else stmt).scalar_one()
-    return float(value)
-
-
-def _as_flow(row: Row[Any]) -> fairness.Flow:
-    return fairness.Flow(
-        row.account_id,
-        row.weight,
-        row.cap,
-        row.running,
-        row.queued,
-        row.finish_tag,
-        row.head_tag,
-        row.head_since_s,
-    )
-
-
-def _limits(conn: Connection, account_id: str, settings: Settings) -> tuple[str, float, int]:
-    row = conn.execute(
-        select(accounts.c.plan, account_limits.c.running_cap)
-        .select_from(accounts.outerjoin(account_limits))
-        .where(accounts.c.id == account_id)
-    ).one()
-    cap = row.running_cap if row.running_cap is not None else plan_cap(settings, row.plan)
-    return row.plan, plan_weight(settings, row.plan), cap
-
-
-def _lock_flow(conn: Connection, queue: str, account_id: str) -> Row[Any]:
-    stmt = (
-        select(sched_flows)
-        .where(sched_flows.c.queue == queue, sched_flows.c.account_id == account_id)
-        .with_for_update()
-    )
-    row = conn.execute(stmt).first()
-    if row is None:
-        plan, weight, cap = _limits(conn, account_id, get_settings())
-        _insert_ignore(
-            conn,
-            sched_flows,
-            {
-                "queue": queue,
-                "account_id": account_id,
-                "plan": plan,
-                "weight": weight,
-                "cap": cap,
-                "running": 0,
-                "queued": 0,
-                "finish_tag": 0.0,
-                "head_tag": 0.0,
-                "head_since_s": 0.0,
-                "sort_key": 0.0,
-                "eligible": False,
-            },
-        )
-        row = conn.execute(stmt).one()
-    return row
-
-
-def _store_flow(
-    conn: Connection,
-    queue: str,
-    before: fairness.Flow,
-    after: fairness.Flow,
-    vtime: float | None,
-    now_s: float,
-    **values: Any,
-) -> None:
-    """Write a flow whose counts changed; a flow that becomes eligible enters at max(V, F)."""
-    if after.eligible and not before.eligible:
-        if vtime is None:  # read only when needed (most writes keep the head as it is)
-            vtime = _vtime(conn, queue)
-        after = fairness.entering(after, vtime, now_s)
-    aging = get_settings().sched_aging_per_s
-    conn.execute(
-        update(sched_flows)
-        .where(sched_flows.c.queue == queue, sched_flows.c.account_id == after.account_id)
-        .values(
-            running=max(0, after.running),
-            queued=max(0, after.queued),
-            finish_tag=after.finish_tag,
-            head_tag=after.head_tag,
-            head_since_s=after.head_since_s,
-            sort_key=fairness.sort_key(after.head_tag, after.head_since_s, aging),
-            eligible=after.eligible,
-            **values,
-        )
-    )
+Publish = Callable[[str, dict[str, Any]], None]
 
 
 def enqueue(
@@ -175,13 +97,9 @@ def enqueue(
     )
     if entry is not None and entry.state == QUEUED and entry.task == task:
         return
-    now_s = now.timestamp()
     if entry is not None and entry.task != task:
         release(conn, job_id, now)
         entry = None
-    row = _lock_flow(conn, queue, account_id)
-    before = _as_flow(row)
-    extra: dict[str, Any] = {}
     if entry is None:
         conn.execute(
             insert(dispatch_queue).values(
@@ -193,19 +111,14 @@ def enqueue(
                 enqueued_at=now,
             )
         )
-        after = replace(before, queued=before.queued + 1)
-        if before.queued == 0:  # a new backlog period: the plan and limits as they are now
-            plan, weight, cap = _limits(conn, account_id, get_settings())
-            after = replace(after, weight=weight, cap=cap)
-            extra = {"plan": plan, "weight": weight, "cap": cap}
+        flows.joined(conn, queue, account_id, now.timestamp())
     else:
         conn.execute(
             update(dispatch_queue)
             .where(dispatch_queue.c.job_id == job_id)
             .values(state=QUEUED, dispatched_at=None)
         )
-        after = replace(before, queued=before.queued + 1, running=before.running - 1)
-    _store_flow(conn, queue, before, after, None, now_s, **extra)
+        flows.joined(conn, queue, account_id, now.timestamp(), d_running=-1)
 
 
 def release(conn: Connection, job_id: str, now: datetime | None = None) -> None:
@@ -217,12 +130,11 @@ def release(conn: Connection, job_id: str, now: datetime | None = None) -> None:
     ).first()
     if gone is None:
         return
-    before = _as_flow(_lock_flow(conn, gone.queue, gone.account_id))
+    now_s = (now or utcnow()).timestamp()
     if gone.state == DISPATCHED:
-        after = replace(before, running=before.running - 1)
+        flows.change(conn, gone.queue, gone.account_id, 0, -1, now_s)
     else:
-        after = replace(before, queued=before.queued - 1)
-    _store_flow(conn, gone.queue, before, after, None, (now or utcnow()).timestamp())
+        flows.change(conn, gone.queue, gone.account_id, -1, 0, now_s)
 
 
 def taken(conn: Connection, job_id: str, now: datetime) -> None:
@@ -234,11 +146,8 @@ def taken(conn: Connection, job_id: str, now: datetime) -> None:
         .values(state=DISPATCHED, dispatched_at=now)
         .returning(dispatch_queue.c.queue, dispatch_queue.c.account_id)
     ).first()
-    if entry is None:
-        return
-    before = _as_flow(_lock_flow(conn, entry.queue, entry.account_id))
-    after = replace(before, queued=before.queued - 1, running=before.running + 1)
-    _store_flow(conn, entry.queue, before, after, None, now.timestamp())
+    if entry is not None:
+        flows.change(conn, entry.queue, entry.account_id, -1, 1, now.timestamp())
 
 
 @dataclass(frozen=True)
@@ -247,137 +156,221 @@ class Dispatched:
     waits: list[tuple[str, float]]  # (plan, seconds queued) per job
 
 
-def _dispatch_queue(conn: Connection, queue: str, capacity: int, limit: int) -> Dispatched:
-    settings = get_settings()
-    vtime = _vtime(conn, queue, lock=True)  # the queue's lock: one dispatcher at a time
-    in_flight = conn.execute(
-        select(func.count())
-        .select_from(dispatch_queue)
-        .where(dispatch_queue.c.queue == queue, dispatch_queue.c.state == DISPATCHED)
-    ).scalar_one()
-    free = min(limit, capacity - in_flight)
-    if free <= 0:
-        return Dispatched([], [])
-    rows = conn.execute(
-        select(sched_flows)
-        .where(sched_flows.c.queue == queue, sched_flows.c.eligible.is_(True))
-        .order_by(sched_flows.c.sort_key, sched_flows.c.head_since_s, sched_flows.c.account_id)
-        .limit(free)
-        .with_for_update()
-    ).all()
-    if not rows:
+def _dispatch_pool(
+    conn: Connection,
+    pool: slots.Pool,
+    limit: int,
+    publish: Publish | None = None,
+    sent: set[str] | None = None,
+) -> Dispatched:
+    """One pool's dispatch decision and its writes, in the caller's transaction."""
+    locked = lock_queues(conn, pool.queues)
+    free = min(limit, pool.capacity - sum(r.in_flight for r in locked))
+    if free <= 0 or not any(r.work for r in locked):
         return Dispatched([], [])
     now = utcnow()
     now_s = now.timestamp()
-    aging = settings.sched_aging_per_s
-    plans = {r.account_id: r.plan for r in rows}
-    original = {r.account_id: _as_flow(r) for r in rows}
-    order = fairness.pick(list(original.values()), free, vtime, now_s, aging).order
-    wanted = Counter(order)
-    heads: dict[str, list[Row[Any]]] = {}
-    for account, count in wanted.items():
-        # SKIP LOCKED: an entry a cancel is deleting right now is not ours to dispatch.
-        heads[account] = list(
-            conn.execute(
-                select(dispatch_queue)
-                .where(
-                    dispatch_queue.c.queue == queue,
-                    dispatch_queue.c.account_id == account,
-                    dispatch_queue.c.state == QUEUED,
-                )
-                .order_by(dispatch_queue.c.id)
-                .limit(count)
-                .with_for_update(skip_locked=True)
-            ).all()
-        )
-    # Replay the picks with the entries actually found (a counter that drifted is fixed).
-    flows = dict(original)
-    taken: list[Row[Any]] = []
-    used: Counter[str] = Counter()
-    for account in order:
-        if used[account] >= len(heads[account]):
+    plans = []
+    for r in locked:
+        room = min(free, pool.slots.get(r.queue, 0) - r.in_flight)
+        if r.work and room > 0:
+            plans.append(plan_queue(conn, r.queue, float(r.vtime), room, now_s))
+    shares = share(plans, free) if len(plans) > 1 else {p.queue: free for p in plans}
+    taken_rows: list[Row[Any]] = []
+    flow_writes: list[dict[str, Any]] = []
+    vtimes = []
+    plan_of: dict[tuple[str, str], str] = {}
+    for plan in plans:
+        if shares.get(plan.queue, 0) <= 0:
             continue
-        taken.append(heads[account][used[account]])
-        used[account] += 1
-        flows[account], vtime = fairness.dispatched(flows[account], vtime, now_s)
-    for account, flow in flows.items():
-        if len(heads.get(account, [])) < wanted.get(account, 0):
-            real = conn.execute(
-                select(func.count())
-                .select_from(dispatch_queue)
-                .where(
-                    dispatch_queue.c.queue == queue,
-                    dispatch_queue.c.account_id == account,
-                    dispatch_queue.c.state == QUEUED,
-                )
-            ).scalar_one()
-            flow = replace(flow, queued=real)
-        if flow != original[account]:
-            _store_flow(conn, queue, original[account], flow, vtime, now_s)
-    if not taken:
+        before = plan.vtime
+        entries, writes = apply_plan(conn, plan, shares[plan.queue], now_s)
+        taken_rows += entries
+        flow_writes += writes
+        plan_of |= {(plan.queue, a): r.plan for a, r in plan.rows.items()}
+        if plan.vtime != before:
+            vtimes.append({"b_queue": plan.queue, "b_vtime": plan.vtime})
+    if not taken_rows:
+        if flow_writes:
+            conn.execute(FLOW_WRITE, flow_writes)
         return Dispatched([], [])
-    ids = [t.job_id for t in taken]
-    conn.execute(
+    ids = [t.job_id for t in taken_rows]
+    messages = [
+        {
+            "topic": "dispatch",
+            "job_id": t.job_id,
+            "payload": {"job_id": t.job_id, "type": t.task},
+            "created_at": now,
+            "published_at": None if publish is None else now,  # un-marked below if unsent
+        }
+        for t in taken_rows
+    ]
+    writes = [
+        update(sched_flows)
+        .where(sched_flows.c.queue == w["b_queue"], sched_flows.c.account_id == w["b_account"])
+        .values(
+            running=w["b_running"],
+            queued=w["b_queued"],
+            finish_tag=w["b_finish"],
+            head_tag=w["b_head"],
+            head_since_s=w["b_since"],
+            sort_key=w["b_key"],
+            eligible=w["b_eligible"],
+        )
+        for w in flow_writes
+    ] + [
+        update(sched_queues).where(sched_queues.c.queue == v["b_queue"]).values(vtime=v["b_vtime"])
+        for v in vtimes
+    ]
+    writes += [
         update(dispatch_queue)
-        .where(dispatch_queue.c.id.in_([t.id for t in taken]))
-        .values(state=DISPATCHED, dispatched_at=now)
-    )
-    conn.execute(
+        .where(dispatch_queue.c.id.in_([t.id for t in taken_rows]))
+        .values(state=DISPATCHED, dispatched_at=now),
         update(jobs)
         .where(jobs.c.id.in_(ids), jobs.c.status == QUEUED)
-        .values(status=DISPATCHED, updated_at=now)
-    )
-    conn.execute(
-        insert(outbox),
-        [
-            {
-                "topic": "dispatch",
-                "job_id": t.job_id,
-                "payload": {"job_id": t.job_id, "type": t.task},
-                "created_at": now,
-            }
-            for t in taken
-        ],
-    )
-    conn.execute(update(sched_queues).where(sched_queues.c.queue == queue).values(vtime=vtime))
-    waits = [(plans[t.account_id], (now - t.enqueued_at).total_seconds()) for t in taken]
+        .values(status=DISPATCHED, updated_at=now),
+    ]
+    if conn.dialect.name == "postgresql":  # every write in one statement (data-modifying CTEs)
+        conn.execute(
+            insert(outbox).values(messages).add_cte(*(w.cte(f"w{i}") for i, w in enumerate(writes)))
+        )
+    else:
+        for w in writes:
+            conn.execute(w)
+        conn.execute(insert(outbox), messages)
+    if publish is not None:
+        # Sent last, with every row of theirs locked and written: a worker that gets a task
+        # before COMMIT waits on its job's row, then finds it `dispatched`.
+        published = _publish(publish, taken_rows, sent)
+        unsent = [t.job_id for t in taken_rows if t.job_id not in published]
+        if unsent:  # for the re-publisher
+            conn.execute(
+                update(outbox)
+                .where(
+                    outbox.c.topic == "dispatch",
+                    outbox.c.job_id.in_(unsent),
+                    outbox.c.published_at == now,
+                )
+                .values(published_at=None)
+            )
+        commit_without_flush_wait(conn)  # what it wrote is safe to lose (see the docstring)
+    waits = [
+        (plan_of[(t.queue, t.account_id)], (now - t.enqueued_at).total_seconds())
+        for t in taken_rows
+    ]
     return Dispatched(ids, waits)
 
 
-def _with_work(engine: Engine, queues: list[str]) -> list[str]:
-    """The queues among `queues` with an eligible flow (one index read, no locks): a
-    nudge after each job then costs one statement for every queue with nothing to do."""
-    if not queues:
-        return []
-
-    def work(conn: Connection) -> list[str]:
-        return [
-            q
-            for q in queues
-            if conn.execute(
-                select(sched_flows.c.queue)
-                .where(sched_flows.c.queue == q, sched_flows.c.eligible.is_(True))
-                .limit(1)
-            ).first()
-            is not None
-        ]
-
-    return run_transaction(engine, work)
+def _publish(publish: Publish, entries: list[Row[Any]], sent: set[str] | None) -> set[str]:
+    """Send the tasks (before COMMIT); a failure leaves the rest to the re-publisher.
+    `sent` remembers what an earlier attempt of the same transaction already sent."""
+    done: set[str] = set()
+    for t in entries:
+        if sent is not None and t.job_id in sent:
+            done.add(t.job_id)
+            continue
+        try:
+            publish("dispatch", {"job_id": t.job_id, "type": t.task})
+        except Exception:
+            log.warning("dispatch publish failed; the re-publisher will send it", exc_info=True)
+            break
+        done.add(t.job_id)
+        if sent is not None:
+            sent.add(t.job_id)
+    return done
 
 
-def dispatch_once(engine: Engine, redis: Any, limit: int | None = None) -> list[str]:
-    """Dispatch what the live slots allow, in fair order, one transaction per queue.
-    Returns the job ids dispatched (their tasks are in the outbox)."""
+def _dispatch_queue(
+    conn: Connection, queue: str, capacity: int, limit: int, publish: Publish | None = None
+) -> Dispatched:
+    """One queue served alone by `capacity` slots (benchmarks, tests)."""
+    return _dispatch_pool(conn, slots.Pool((queue,), {queue: capacity}, capacity), limit, publish)
+
+
+def dispatch_once(
+    engine: Engine, redis: Any, limit: int | None = None, publish: Publish | None = None
+) -> list[str]:
+    """Dispatch what the live slots allow, in fair order, one transaction per pool of
+    queues. Returns the job ids dispatched (their tasks are in the outbox; sent and marked
+    published already when `publish` is given)."""
+    return _dispatch_all(engine, redis, limit, publish, [])[0]
+
+
+def _relay_in(conn: Connection, publish: Publish, job_ids: list[str]) -> None:
+    """The outbox relay of `job_ids` (orchestrator.scheduling.outbox.relay), inside the
+    dispatch transaction: one BEGIN/COMMIT for both. A failed publish leaves the rest
+    unpublished for the re-publisher; a rollback only means sending them again."""
+    rows = conn.execute(
+        select(outbox)
+        .where(outbox.c.published_at.is_(None), outbox.c.job_id.in_(job_ids))
+        .order_by(outbox.c.id)
+        .limit(RELAY_BATCH_MAX)
+        .with_for_update(skip_locked=True)
+    ).all()
+    sent = []
+    for row in rows:
+        try:
+            publish(row.topic, row.payload)
+        except Exception:
+            log.warning("outbox fast path failed; the re-publisher will retry", exc_info=True)
+            break
+        sent.append(row)
+    if not sent:
+        return
+    now = utcnow()
+    conn.execute(
+        update(outbox).where(outbox.c.id.in_([r.id for r in sent])).values(published_at=now)
+    )
+    dispatched = sorted({r.job_id for r in sent if r.topic == "dispatch"})
+    if dispatched:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(dispatched), jobs.c.status == QUEUED)
+            .values(status=DISPATCHED, updated_at=now)
+        )
+
+
+def _pool_transaction(
+    conn: Connection,
+    pool: slots.Pool,
+    limit: int,
+    publish: Publish | None,
+    sent: set[str],
+    relay_ids: list[str],
+) -> Dispatched:
+    done = _dispatch_pool(conn, pool=pool, limit=limit, publish=publish, sent=sent)
+    if relay_ids and publish is not None:
+        _relay_in(conn, publish, relay_ids)
+        if not done.job_ids:  # (a dispatch already set it)
+            commit_without_flush_wait(conn)  # published marks: safe to lose
+    return done
+
+
+def _dispatch_all(
+    engine: Engine, redis: Any, limit: int | None, publish: Publish | None, relay_ids: list[str]
+) -> tuple[list[str], bool]:
+    """dispatch_once, relaying `relay_ids` in the first pool's transaction; returns the
+    job ids dispatched and whether the relay ran."""
     settings = get_settings()
     limit = limit or settings.dispatch_batch_max
-    live = slots.slots_per_queue(slots.live(redis), settings.sched_slot_buffer_per_worker)
-    capacity = {q: n for q, n in live.items() if q in FAMILY_QUEUES}  # not callbacks etc.
+    pools = slots.pools(slots.live(redis), settings.sched_slot_buffer_per_worker, FAMILY_QUEUES)
     out: list[str] = []
     waits: list[tuple[str, float]] = []
-    for queue in _with_work(engine, sorted(capacity)):
+    relayed = False
+    for pool in pools:
+        sent: set[str] = set()
         done = run_transaction(
-            engine, partial(_dispatch_queue, queue=queue, capacity=capacity[queue], limit=limit)
+            engine,
+            partial(
+                _pool_transaction,
+                pool=pool,
+                limit=limit,
+                publish=publish,
+                sent=sent,
+                relay_ids=[] if relayed else relay_ids,
+            ),
         )
+        relayed = True
         out += done.job_ids
         waits += done.waits
     if waits:
@@ -385,7 +378,7 @@ def dispatch_once(engine: Engine, redis: Any, limit: int | None = None) -> list[
             slots.record_waits(redis, waits)
         except Exception:  # a metric only
             log.warning("queue wait histogram not recorded", exc_info=True)
-    return out
+    return out, relayed
 
 
 @lru_cache(maxsize=4)
@@ -395,26 +388,24 @@ def _redis_for(url: str) -> Any:
     return redis.Redis.from_url(url, decode_responses=True)
 
 
-Publish = Callable[[str, dict[str, Any]], None]
-
-
 def nudge(engine: Engine, publish: Publish, job_ids: str | Iterable[str] = ()) -> list[str]:
     """The fast path after a commit (a submit, a job's end): dispatch what the slots allow
-    and publish the outbox rows of `job_ids` and of what was dispatched. Failures are left
-    to beat (the periodic dispatcher and the re-publisher)."""
+    (its tasks sent in the dispatch transaction) and publish the outbox rows of `job_ids`
+    (in the same transaction). Failures are left to beat (the periodic dispatcher and the
+    re-publisher)."""
     from orchestrator.scheduling.outbox import relay_quietly
 
     dispatched: list[str] = []
+    relayed = False
     started = time.monotonic()
+    given = [job_ids] if isinstance(job_ids, str) else sorted(set(job_ids))
     try:
         redis = getattr(publish, "redis", None) or _redis_for(get_settings().redis_url)
-        dispatched = dispatch_once(engine, redis)
+        dispatched, relayed = _dispatch_all(engine, redis, None, publish, given)
     except Exception:
         log.warning("dispatch fast path failed; the periodic dispatcher will retry", exc_info=True)
-    given = {job_ids} if isinstance(job_ids, str) else set(job_ids)
-    ids = sorted(given | set(dispatched))
-    if ids:
-        relay_quietly(engine, publish, ids)
+    if given and not relayed:  # no live worker, or the dispatch failed
+        relay_quietly(engine, publish, given)
     log.debug(
         "nudge: %d dispatched in %.1f ms", len(dispatched), 1e3 * (time.monotonic() - started)
     )

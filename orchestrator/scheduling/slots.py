@@ -72,13 +72,62 @@ def live(redis: Any, now_s: float | None = None) -> list[WorkerSlots]:
 
 
 def slots_per_queue(workers: Iterable[WorkerSlots], buffer_per_worker: int = 0) -> dict[str, int]:
-    """Live slots per queue (+ a buffer per worker). A worker serving several queues counts
-    towards each (its processes take whichever task comes first)."""
+    """Live slots each queue could use (+ a buffer per worker). A worker serving several
+    queues counts towards each here; `pools` shares its concurrency between them."""
     out: dict[str, int] = defaultdict(int)
     for worker in workers:
         for queue in worker.queues:
             out[queue] += worker.concurrency + buffer_per_worker
     return dict(out)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Queues that share workers (a connected group): at most `capacity` jobs in flight
+    over all of them (each worker's concurrency + buffer counted once), and at most
+    `slots[q]` on queue q (what the workers serving q have)."""
+
+    queues: tuple[str, ...]
+    slots: dict[str, int]
+    capacity: int
+
+
+def pools(
+    workers: Iterable[WorkerSlots], buffer_per_worker: int = 0, only: Iterable[str] | None = None
+) -> list[Pool]:
+    """The live workers' queues (those in `only`, when given) grouped into pools."""
+    keep = None if only is None else set(only)
+    parent: dict[str, str] = {}
+
+    def root(q: str) -> str:
+        while parent[q] != q:
+            parent[q] = parent[parent[q]]
+            q = parent[q]
+        return q
+
+    served: list[tuple[tuple[str, ...], int]] = []
+    for worker in workers:
+        queues = tuple(sorted(q for q in set(worker.queues) if keep is None or q in keep))
+        if not queues:
+            continue
+        served.append((queues, worker.concurrency + buffer_per_worker))
+        for q in queues:
+            parent.setdefault(q, q)
+        for q in queues[1:]:
+            parent[root(q)] = root(queues[0])
+    slots: dict[str, int] = defaultdict(int)
+    capacity: dict[str, int] = defaultdict(int)
+    for queues, n in served:
+        capacity[root(queues[0])] += n
+        for q in queues:
+            slots[q] += n
+    members: dict[str, list[str]] = defaultdict(list)
+    for q in parent:
+        members[root(q)].append(q)
+    return [
+        Pool(tuple(sorted(qs)), {q: slots[q] for q in qs}, capacity[r])
+        for r, qs in sorted(members.items(), key=lambda item: min(item[1]))
+    ]
 
 
 def record_run(redis: Any, task: str, seconds: float) -> None:

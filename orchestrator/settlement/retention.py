@@ -20,6 +20,7 @@ from orchestrator.jobs.records import lock_job, transition
 from orchestrator.settings import get_settings
 from orchestrator.storage import Storage
 from orchestrator.tables import tunes
+from orchestrator.tunes.checkpoints import checkpoint_key
 
 PAID_PLANS: Final = ("standard", "business")
 
@@ -73,7 +74,8 @@ def apply_plan(conn: Connection, account_id: str, plan: str, at: datetime) -> No
 def sweep_expired(
     engine: Engine, storage: Storage, now: datetime | None = None, limit: int = 100
 ) -> list[str]:
-    """Beat: delete the weights of tunes past their expiry and mark them expired."""
+    """Beat: delete the weights (and any leftover training checkpoint) of tunes past their
+    expiry and mark them expired."""
     at = now or utcnow()
     due = run_transaction(
         engine,
@@ -109,6 +111,7 @@ def sweep_expired(
         if key is not None:
             if key:
                 storage.delete(key)
+            storage.delete(checkpoint_key(tune_id))  # a leftover of training, if any
             swept.append(tune_id)
     return swept
 

@@ -36,6 +36,7 @@ from orchestrator.settlement import alerts
 from orchestrator.settlement.retention import expires_at_for
 from orchestrator.storage import Storage
 from orchestrator.tables import jobs, tunes
+from orchestrator.tunes.checkpoints import checkpoint_key
 
 RENDER_IMAGES: Final = TUNE_RENDER_PROMPTS * TUNE_RENDER_IMAGES_PER_PROMPT
 RENDER_TASK: Final = "tune_render"
@@ -191,12 +192,13 @@ def settle_training(
 ) -> Row[Any]:
     """End the training phase: success commits the tune credit and moves on to rendering
     (or awaiting_credits); anything else releases both holds. Either way the training photos
-    are deleted (a rollback after this point leaves a retry without photos: it fails and is
-    refunded, never charged)."""
+    and the stored training checkpoint are deleted (a rollback after this point leaves a retry
+    without photos: it fails and is refunded, never charged)."""
     from orchestrator.storage import get_storage
 
     for key in get_tune(conn, row.id).image_keys:
         get_storage().delete(key)
+    get_storage().delete(checkpoint_key(row.id))
     conn.execute(update(tunes).where(tunes.c.id == row.id).values(image_keys=[]))
     if status != states.SUCCEEDED:
         refunded = _release_all(conn, row, now)
