@@ -166,6 +166,14 @@ def grant(
     return Grant(grant_id, reference, account_id, kind, amount, created=True)
 
 
+def check_hold(kind: str, amount: int, ttl_s: int, reference: str) -> None:
+    """A hold's arguments, checked before anything runs (InvalidAmount naming the field)."""
+    check_kind(kind)
+    check_amount("amount", amount, 1, HOLD_AMOUNT_MAX)
+    check_amount("ttl_s", ttl_s, 1, HOLD_TTL_S_MAX)
+    check_reference(reference)
+
+
 def hold(
     conn: Connection,
     account_id: str,
@@ -178,10 +186,7 @@ def hold(
 ) -> Hold:
     """Reserve `amount` credits under `reference` (unique; a retry returns the same hold).
     Raises InsufficientCredits (with needed and available) when they are not there."""
-    check_kind(kind)
-    check_amount("amount", amount, 1, HOLD_AMOUNT_MAX)
-    check_amount("ttl_s", ttl_s, 1, HOLD_TTL_S_MAX)
-    check_reference(reference)
+    check_hold(kind, amount, ttl_s, reference)
     now = now or utcnow()
     if on_postgresql(conn):
         return hold_pg(conn, account_id, kind, amount, reference, ttl_s, now)

@@ -37,6 +37,18 @@ _PG_RESOLVE_SQL = (
     " r_expires_at FROM tollgate_ledger_resolve(%(reference)s::text, %(status)s::text,"
     " %(committed)s::bigint, %(now)s::timestamp)"
 )
+# The hold function's nine result columns, for a statement that calls it itself.
+HOLD_COLUMNS = (
+    "r_error",
+    "r_available",
+    "r_id",
+    "r_account_id",
+    "r_kind",
+    "r_amount",
+    "r_status",
+    "r_committed",
+    "r_expires_at",
+)
 _BIGINT_MAX = 2**63 - 1
 
 
@@ -85,15 +97,22 @@ def hold_pg(
             "now": _naive_utc(now),
         },
     ).one()
+    return hold_result(row, account_id, kind, amount, reference)
+
+
+def hold_result(row: Any, account_id: str, kind: str, amount: int, reference: str) -> Hold:
+    """The Hold from a row of `tollgate_ledger_hold`'s nine columns (in order, first), or
+    its error code raised as the Python path's exception. For callers that run the function
+    inside a larger statement of their own (the job service's submit)."""
     error = row[0]
     if error is None:
-        return _pg_hold(row, reference)
+        return _pg_hold(row[:9], reference)
     if error == "unknown_account":
         raise UnknownAccount(account_id)
     if error == "insufficient":
         raise InsufficientCredits(kind, needed=amount, available=int(row[1]))
     if error == "conflict":
-        existing = _pg_hold(row, reference)
+        existing = _pg_hold(row[:9], reference)
         raise ReferenceConflict(
             reference, f"a hold of {existing.amount} {existing.kind} on {existing.account_id}"
         )

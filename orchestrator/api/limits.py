@@ -17,6 +17,21 @@ BODY_BYTES_MAX: Final = 32 * 1024 * 1024
 EXEMPT_PATHS: Final = ("/v1/images",)
 
 
+def _replay(message: Message, receive: Receive) -> Receive:
+    """A receive that answers the whole body first, then waits on the client's (for a
+    disconnect)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return message
+        return await receive()
+
+    return replay
+
+
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int = BODY_BYTES_MAX) -> None:
         self.app = app
@@ -26,12 +41,26 @@ class BodyLimit:
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self.max_bytes:
+                    await self._refuse(send)
+                    return
+                break
+        first = await receive()
+        if first["type"] != "http.request":  # the client went away
+            return
+        if not first.get("more_body", False):  # the usual case: the whole body at once
+            if len(first.get("body", b"")) > self.max_bytes:
+                await self._refuse(send)
+                return
+            await self.app(scope, _replay(first, receive), send)
+            return
+        chunks: list[bytes] = [first.get("body", b"")]
+        seen = len(chunks[0])
+        if seen > self.max_bytes:
             await self._refuse(send)
             return
-        chunks: list[bytes] = []
-        seen = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
@@ -45,16 +74,8 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for a disconnect
-
-        await self.app(scope, replay, send)
+        whole: Message = {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, _replay(whole, receive), send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()

@@ -183,6 +183,11 @@ def make_registry(
     return registry, requests, latency
 
 
+# The label children a request's metrics use, per (method, route, status): prometheus'
+# `labels()` takes a lock and builds a key each call. Bounded: a client picks the method.
+LABEL_CACHE_MAX: Final = 1024
+
+
 class RequestMetrics:
     """ASGI middleware: request count and latency per method, route template and status."""
 
@@ -190,6 +195,19 @@ class RequestMetrics:
         self.app = app
         self.requests = requests
         self.latency = latency
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def _children_for(self, method: str, route: str, code: int) -> tuple[Counter, Histogram]:
+        key = (method, route, code)
+        found = self._children.get(key)
+        if found is None:
+            found = (
+                self.requests.labels(method, route, str(code)),
+                self.latency.labels(method, route),
+            )
+            if len(self._children) < LABEL_CACHE_MAX:
+                self._children[key] = found
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -207,9 +225,9 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = route_of(scope)
-            self.requests.labels(scope["method"], route, str(code)).inc()
-            self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            count, latency = self._children_for(scope["method"], route_of(scope), code)
+            count.inc()
+            latency.observe(time.perf_counter() - started)
 
 
 def route_of(scope: Scope) -> str:

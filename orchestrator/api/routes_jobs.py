@@ -16,7 +16,7 @@ from fastapi import (
     Response,
     status,
 )
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Engine, select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -24,8 +24,9 @@ from starlette.types import Message
 
 import billing
 from billing.db import run_transaction
+from orchestrator import db
 from orchestrator.api import output_urls
-from orchestrator.api.deps import AccountId, EngineDep, NudgerDep, PublisherDep, StorageDep
+from orchestrator.api.deps import AccountId, EngineDep, PublisherDep, StorageDep
 from orchestrator.api.docs import error, job_id_param, ok, responses, spec_examples
 from orchestrator.api.examples import JOB_EXAMPLE
 from orchestrator.api.schemas import (
@@ -41,9 +42,12 @@ from orchestrator.api.unavailable import UNAVAILABLE_RESPONSES
 from orchestrator.jobs import service as jobs
 from orchestrator.jobs import states
 from orchestrator.jobs.images import IMAGE_BYTES_MAX, InvalidImage, store_image
+from orchestrator.jobs.records import OutputSigner
+from orchestrator.scheduling.nudger import Nudger
+from orchestrator.scheduling.outbox import Publisher
 from orchestrator.scheduling.queues import queue_info
 from orchestrator.scheduling.scheduler import nudge
-from orchestrator.storage import Storage
+from orchestrator.storage import Storage, get_storage
 from orchestrator.tables import IDEMPOTENCY_KEY_MAX_LEN, images
 from orchestrator.ttl_cache import TtlCache
 
@@ -101,12 +105,10 @@ def quote(
         ),
     },
 )
-def submit_job(
+async def submit_job(
     body: Annotated[JobRequest | JobSpec, Body(openapi_examples=spec_examples(wrapped=True))],
     account_id: AccountId,
-    engine: EngineDep,
-    storage: StorageDep,
-    nudger: NudgerDep,
+    request: Request,
     response: Response,
     idempotency_key: Annotated[
         str | None, Header(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_LEN)
@@ -116,14 +118,20 @@ def submit_job(
     the credits are held, and it is queued. With `Idempotency-Key`, retrying the same body
     returns the same job (200); another body under that key is a 409. The answer comes at
     the job's commit; its dispatch and relay follow on the process's nudger thread."""
+    # `async def`, the transaction sent to the thread pool here: for a sync endpoint FastAPI
+    # would run the response's validation in the pool too (a second thread hop per request).
+    # The engine, storage and nudger are read here, not through dependencies: each
+    # dependency costs FastAPI ~70 Python calls per request on the API's hottest route.
     events: list[str] | None = None
     if isinstance(body, JobRequest):
         spec, callback_url, events = body.spec, body.callback_url, body.webhook_events_filter
     else:
         spec, callback_url = body.as_spec(), None
-    submitted = jobs.submit(
-        engine,
-        storage,
+    nudger: Nudger = request.app.state.nudger
+    submitted = await run_in_threadpool(
+        jobs.submit,
+        db.get_engine(),
+        get_storage(),
         account_id,
         spec,
         idempotency_key=idempotency_key,
@@ -163,7 +171,7 @@ def list_jobs(
     response_model=JobOut,
     responses={200: JOB_OK, **responses(401, 404)},
 )
-def get_job(
+async def get_job(
     request: Request,
     job_id: JobIdPath,
     account_id: AccountId,
@@ -176,10 +184,24 @@ def get_job(
     /v1/outputs/... on local storage. `webhook` shows the last callback delivery. While it
     waits for a worker slot, `queue: {position, eta_s}` (computed at most once a second per
     API process: QUEUE_POSITION_TTL_S)."""
+    # One thread hop (as for submit_job): the reads in the pool, the answer's validation here.
     sign = output_urls.signer(storage, output_urls.base_url(request))
+    positions: TtlCache[dict[str, Any]] = request.app.state.queue_positions
+    return await run_in_threadpool(
+        _job_with_place, engine, account_id, job_id, sign, positions, publish
+    )
+
+
+def _job_with_place(
+    engine: Engine,
+    account_id: str,
+    job_id: str,
+    sign: OutputSigner,
+    positions: TtlCache[dict[str, Any]],
+    publish: Publisher,
+) -> dict[str, Any]:
     job = jobs.get(engine, account_id, job_id, sign)
     if job["status"] in (states.QUEUED, states.RENDERING):
-        positions: TtlCache[dict[str, Any]] = request.app.state.queue_positions
         job["queue"] = positions.get(job_id)
         redis = getattr(publish, "redis", None)
         if job["queue"] is None and redis is not None:

@@ -21,9 +21,10 @@ from sqlalchemy.engine import Row
 from billing import InsufficientCredits, InvalidJobSpec, ledger
 from billing.clock import utcnow
 from billing.db import run_transaction
+from billing.ledger_pg import on_postgresql
 from orchestrator.errors import OrchestratorError
 from orchestrator.execution import leases
-from orchestrator.jobs import kinds, specs, states, webhooks
+from orchestrator.jobs import kinds, specs, states, submission_pg, webhooks
 from orchestrator.jobs.deadlines import deadline_s, hold_ttl_s
 from orchestrator.jobs.images import decode_b64, image_key, store_image
 from orchestrator.jobs.records import (
@@ -88,8 +89,7 @@ JOB_BY_KEY: Final = select(jobs).where(
 )
 
 
-def _insert_job(
-    conn: Connection,
+def _job_values(
     job_id: str,
     account_id: str,
     spec: dict[str, Any],
@@ -97,8 +97,8 @@ def _insert_job(
     source: str,
     now: datetime,
     **values: Any,
-) -> Row[Any]:
-    params = {
+) -> dict[str, Any]:
+    return {
         "id": job_id,
         "account_id": account_id,
         "type": str(spec.get("type", "unknown"))[:20],
@@ -111,7 +111,52 @@ def _insert_job(
         "attempt": 0,
         **values,
     }
+
+
+def _insert_job(
+    conn: Connection,
+    job_id: str,
+    account_id: str,
+    spec: dict[str, Any],
+    status: str,
+    source: str,
+    now: datetime,
+    **values: Any,
+) -> Row[Any]:
+    params = _job_values(job_id, account_id, spec, status, source, now, **values)
     return conn.execute(INSERT_JOB, params).one()
+
+
+def _queued_event(values: dict[str, Any]) -> dict[str, Any]:
+    """records.event_payload of the row `values` inserts (charged and refunded start at 0)."""
+    return {
+        "job_id": values["id"],
+        "account_id": values["account_id"],
+        "type": values["type"],
+        "status": values["status"],
+        "charged": 0,
+        "refunded": 0,
+        "error": "",
+        "at": values["updated_at"].isoformat(),
+    }
+
+
+def _insert_and_hold_py(
+    conn: Connection, values: dict[str, Any], ttl_s: int, now: datetime
+) -> Row[Any]:
+    """The embedded (SQLite) path of submission_pg.insert_and_hold, statement by statement."""
+    row = conn.execute(INSERT_JOB, values).one()
+    ledger.hold(
+        conn,
+        values["account_id"],
+        values["credit_kind"],
+        values["price"],
+        reference=values["id"],
+        ttl_s=ttl_s,
+        now=now,
+    )
+    outbox.add(conn, "event", values["id"], event_payload(row))
+    return row
 
 
 def _resolve_image_input(
@@ -201,8 +246,7 @@ def submit(
         elif kind.takes_input_image:
             _resolve_image_input(conn, storage, account_id, spec_)
         now = utcnow()
-        row = _insert_job(
-            conn,
+        values = _job_values(
             job_id,
             account_id,
             spec_,
@@ -219,21 +263,21 @@ def submit(
             webhook_events_filter=events,
             deadline_at=now + timedelta(seconds=deadline_s(spec_)),
         )
-        ledger.hold(
-            conn,
-            account_id,
-            price.credit_kind,
-            price.credits,
-            reference=job_id,
-            ttl_s=hold_ttl_s(spec_),
-            now=now,
-        )
-        alerts.check(conn, account_id, price.credit_kind, now, job_id)
+        ttl_s = hold_ttl_s(spec_)
+        ledger.check_hold(price.credit_kind, price.credits, ttl_s, job_id)
+        if on_postgresql(conn):  # one statement: hold, job row, event row, alert lookup
+            row, has_alert = submission_pg.insert_and_hold(
+                conn, values, ttl_s, _queued_event(values), now
+            )
+        else:
+            row = _insert_and_hold_py(conn, values, ttl_s, now)
+            has_alert = True  # alerts.check reads the alert row itself
+        if has_alert:
+            alerts.check(conn, account_id, price.credit_kind, now, job_id)
         if kind.after_hold is not None:
             kind.after_hold(conn, storage, job_id, account_id, spec_, now)
         # The job waits for a worker slot, in fair order (the dispatcher sends its task).
         scheduler.enqueue(conn, job_id, spec_["type"], account_id, now, new=True)
-        outbox.add(conn, "event", job_id, event_payload(row))
         return row
 
     try:

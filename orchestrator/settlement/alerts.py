@@ -18,7 +18,7 @@ import secrets
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
 
 from billing import CREDIT_KINDS, InvalidAmount, ledger
 from billing.clock import utcnow
@@ -33,6 +33,11 @@ from orchestrator.tables import balance_alerts
 THRESHOLD_MAX: Final = 10_000_000
 EVENT_TYPE: Final = "balance.low"
 UNSET: Final = object()
+# Built once: every hold and settlement runs it (statement building cost more than the read).
+ALERT_OF: Final = select(balance_alerts.c.threshold, balance_alerts.c.armed).where(
+    balance_alerts.c.account_id == bindparam("account_id"),
+    balance_alerts.c.kind == bindparam("kind"),
+)
 
 
 def check(
@@ -45,11 +50,7 @@ def check(
     """After a change of this account's `kind` credits: fire or re-arm its alert. True when
     a balance.low webhook was written. `job_id`: the job whose hold or settlement changed
     them, so the job's fast-path relay publishes the webhook with its own messages."""
-    alert = conn.execute(
-        select(balance_alerts.c.threshold, balance_alerts.c.armed).where(
-            balance_alerts.c.account_id == account_id, balance_alerts.c.kind == kind
-        )
-    ).first()
+    alert = conn.execute(ALERT_OF, {"account_id": account_id, "kind": kind}).first()
     if alert is None:
         return False
     now = now or utcnow()
