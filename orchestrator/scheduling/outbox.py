@@ -6,8 +6,8 @@ Celery beat for anything a crash left behind. Publishing is at least once: consu
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import UTC, timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, insert, select, update
@@ -94,19 +94,25 @@ def relay(
         now = utcnow()
         for row in rows:
             publish(row.topic, row.payload)
-        conn.execute(
-            update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=now)
-        )
-        dispatched = sorted({r.job_id for r in rows if r.topic == "dispatch"})
-        if dispatched:
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(dispatched), jobs.c.status == "queued")
-                .values(status="dispatched", updated_at=now)
-            )
+        mark_sent(conn, rows, now)
         return len(rows)
 
     return run_transaction(engine, work)
+
+
+def mark_sent(conn: Connection, rows: Sequence[Any], now: datetime) -> None:
+    """Mark outbox `rows` (with `id`, `topic`, `job_id`) published, and move the jobs whose
+    dispatch task was among them from `queued` to `dispatched`."""
+    conn.execute(
+        update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=now)
+    )
+    dispatched = sorted({r.job_id for r in rows if r.topic == "dispatch"})
+    if dispatched:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(dispatched), jobs.c.status == "queued")
+            .values(status="dispatched", updated_at=now)
+        )
 
 
 def _relay_pg(conn: Connection, publish: Publisher, job_ids: list[str], limit: int) -> int:

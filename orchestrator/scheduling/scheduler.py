@@ -55,7 +55,7 @@ from orchestrator.scheduling.flows import (
     plan_cap,
     plan_weight,
 )
-from orchestrator.scheduling.outbox import RELAY_BATCH_MAX
+from orchestrator.scheduling.outbox import RELAY_BATCH_MAX, mark_sent
 from orchestrator.settings import get_settings
 from orchestrator.tables import dispatch_queue, jobs, outbox, sched_flows, sched_queues
 
@@ -326,17 +326,7 @@ def _relay_in(conn: Connection, publish: Publish, job_ids: list[str]) -> None:
         sent.append(row)
     if not sent:
         return
-    now = utcnow()
-    conn.execute(
-        update(outbox).where(outbox.c.id.in_([r.id for r in sent])).values(published_at=now)
-    )
-    dispatched = sorted({r.job_id for r in sent if r.topic == "dispatch"})
-    if dispatched:
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id.in_(dispatched), jobs.c.status == QUEUED)
-            .values(status=DISPATCHED, updated_at=now)
-        )
+    mark_sent(conn, sent, utcnow())
 
 
 def _pool_transaction(
