@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import cpu  # noqa: E402
 from bench.bench_env import bench_secrets  # noqa: E402
 from bench.ledger import bench_database  # noqa: E402
+from bench.soak.processes import wait_port  # noqa: E402
 from billing import ledger  # noqa: E402
 from billing.db import make_engine, run_transaction  # noqa: E402
 from orchestrator import accounts  # noqa: E402
@@ -71,18 +72,6 @@ def wait_log(log: Path, marker: bytes) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{log} never said {marker!r}: {log.read_text()[-2000:]}")
         time.sleep(0.1)
-
-
-def wait_redis(url: str) -> None:
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            client.ping()
-            return
-        except redis.RedisError:
-            time.sleep(0.1)
-    raise RuntimeError(f"redis at {url} did not answer")
 
 
 def py_spy(pid: int, out: Path, *, subprocesses: bool) -> subprocess.Popen[bytes]:
@@ -313,7 +302,7 @@ def main() -> None:
     redis_argv = [redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1"]
     redis_argv += ["--save", "", "--appendonly", "no", "--dir", str(logs)]
     redis_proc = spawn(redis_argv, dict(os.environ), logs / "redis.log")
-    wait_redis(redis_url)
+    wait_port(redis_port, READY_TIMEOUT_S)
     try:
         raw, raw_cpu, path, path_cpu, lat = measure(args, n, logs, redis_url)
     finally:
