@@ -113,20 +113,6 @@ def _job_values(
     }
 
 
-def _insert_job(
-    conn: Connection,
-    job_id: str,
-    account_id: str,
-    spec: dict[str, Any],
-    status: str,
-    source: str,
-    now: datetime,
-    **values: Any,
-) -> Row[Any]:
-    params = _job_values(job_id, account_id, spec, status, source, now, **values)
-    return conn.execute(INSERT_JOB, params).one()
-
-
 def _queued_event(values: dict[str, Any]) -> dict[str, Any]:
     """records.event_payload of the row `values` inserts (charged and refunded start at 0)."""
     return {
@@ -320,8 +306,7 @@ def _record_rejection(
         if _own_row(conn, job_id, account_id) is not None:
             return  # recorded already (a replayed message, or a lost commit answer)
         now = utcnow()
-        row = _insert_job(
-            conn,
+        params = _job_values(
             job_id,
             account_id,
             stored,
@@ -336,6 +321,7 @@ def _record_rejection(
             deadline_at=now,
             finished_at=now,
         )
+        row = conn.execute(INSERT_JOB, params).one()
         outbox.add(conn, "event", job_id, event_payload(row))
 
     run_transaction(engine, work)
