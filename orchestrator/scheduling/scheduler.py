@@ -19,6 +19,15 @@ a flow's counters in SQL: orchestrator.scheduling.flows).
   transaction; a COMMIT that then fails leaves a task whose job is still `queued`, which
   the worker takes as sent around the scheduler (`taken`). Run after a submit, when a job
   ends (`nudge`) and every `dispatch_interval_s` from beat, so nothing depends on a nudge.
+  On PostgreSQL every statement of a pass is fixed driver SQL (nothing built per call).
+
+Capacity per worker: concurrency + a buffer (`slots.buffer_for`): the base
+`sched_slot_buffer_per_worker`, or for short jobs as many as the worker runs in
+`sched_buffer_lookahead_s` (by its queues' mean run time; at most
+`sched_slot_buffer_max_per_worker`), so a worker of short jobs stays fed and one pass sends
+several jobs. A pass then dispatches only once half of that extra is free
+(`Pool.min_free`); jobs are in flight meanwhile, and each one's end runs a pass, so nothing
+waits beyond those ends.
 """
 
 from __future__ import annotations
