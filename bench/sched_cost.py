@@ -3,9 +3,12 @@
 Per job: submit -> its fast path (the scheduler's `nudge`; in a tree without the scheduler,
 the outbox relay) -> settle the oldest dispatched job -> its fast path. No worker runs: a
 worker of 2 slots is announced in Redis, so the scheduler admits and dispatches as it would.
-Prints SQL statements and this process's CPU ms per job. Run it in another tree (a checkout
-before the scheduler) with `PYTHONPATH=/that/tree python bench/sched_cost.py`; it uses
-only interfaces both have. bench/fairness.py runs it here and in --baseline-tree.
+Prints SQL statements and this process's CPU ms per job. No run time is recorded here, so
+the scheduler keeps its base buffer and runs one dispatch decision per job end (its most
+expensive case; short jobs on a real worker get a larger buffer and share passes). Run it
+in another tree (a checkout before the scheduler) with
+`PYTHONPATH=/that/tree python bench/sched_cost.py`; it uses only interfaces both have.
+bench/fairness.py runs it here and in --baseline-tree.
 
 Usage: python bench/sched_cost.py [--jobs 100] [--redis-db 12]
 """

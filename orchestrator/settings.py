@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     sched_aging_per_s: float = Field(default=0.01, ge=0, le=100)
     # Tasks dispatched beyond a worker's concurrency (so it never idles between jobs).
     sched_slot_buffer_per_worker: int = Field(default=1, ge=0, le=64)
+    # Short jobs get a larger buffer: as many as a worker's slots run in this many seconds
+    # (by its queues' mean run time), at most `sched_slot_buffer_max_per_worker`; a pass
+    # then waits for half of the extra to be free and sends several jobs at once.
+    sched_buffer_lookahead_s: float = Field(default=0.05, ge=0, le=10)
+    sched_slot_buffer_max_per_worker: int = Field(default=16, ge=0, le=256)
     # Workers announce their slots with this expiry, refreshed every third of it.
     worker_slots_ttl_s: float = Field(default=15.0, ge=1, le=600)
     # The periodic dispatcher (beat) and the most jobs one call dispatches per queue.

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from functools import partial
 
 from orchestrator.scheduling.fairness import Flow, dispatched, entering, flow_key, jobs_ahead, pick
-from orchestrator.scheduling.slots import Pool, WorkerSlots, pools
+from orchestrator.scheduling.slots import Pool, WorkerSlots, buffer_for, pools
 
 NOW = 1_000_000.0
 AGING = 0.01
@@ -138,4 +139,24 @@ def test_a_worker_on_several_queues_counts_its_slots_once() -> None:
     assert got == [
         Pool(("gpu.post", "gpu.txt2img"), {"gpu.post": 3, "gpu.txt2img": 8}, 8),
         Pool(("gpu.tune",), {"gpu.tune": 2}, 2),
+    ]
+
+
+def test_short_jobs_get_a_buffer_of_lookahead_seconds_and_passes_wait_for_half() -> None:
+    queue_of = {"txt2img": "gpu.txt2img", "upscale": "gpu.post", "tune": "gpu.tune"}
+    worker = WorkerSlots("w", ("gpu.post", "gpu.txt2img"), 2)
+    size = partial(buffer_for, base=1, lookahead_s=0.05, most=16, queue_of=queue_of)
+    assert size(worker, {}) == 1  # no run time known yet
+    assert size(worker, {"tune": 0.001}) == 1  # a queue it does not serve
+    assert size(worker, {"txt2img": 0.1}) == 1  # 2 x 0.05 / 0.1 = 1 (the noisy-neighbour case)
+    assert size(worker, {"txt2img": 0.098}) == 1  # rounded down
+    assert size(worker, {"txt2img": 0.01}) == 10
+    assert size(worker, {"txt2img": 0.01, "upscale": 0.02}) == 5  # the longest known family
+    assert size(worker, {"txt2img": 0.0001}) == 16  # at most `most`
+    assert size(worker, {"txt2img": 0.001}, lookahead_s=0) == 1
+    workers = [worker, WorkerSlots("tune", ("gpu.tune",), 1)]
+    got = pools(workers, partial(size, run_s={"txt2img": 0.01}), base_buffer=1)
+    assert got == [
+        Pool(("gpu.post", "gpu.txt2img"), {"gpu.post": 12, "gpu.txt2img": 12}, 12, min_free=4),
+        Pool(("gpu.tune",), {"gpu.tune": 2}, 2, min_free=1),
     ]

@@ -29,6 +29,7 @@ SPEC = {"type": "txt2img", "prompt": "p", "steps": 20}
 @pytest.fixture
 def two_slots(redis_url: str) -> Iterator[Any]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.delete(slots.RUN_S_KEY)  # no run-time estimate: the base buffer (1 per worker)
     fake = slots.WorkerSlots("sqlite-test", ("gpu.txt2img",), 4)
     slots.announce(client, fake, ttl_s=120)
     yield client
@@ -119,6 +120,7 @@ def test_a_worker_on_two_queues_shares_its_slots(
 
     engine = sqlite_engine
     client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.delete(slots.RUN_S_KEY)  # no run-time estimate: the base buffer
     both = slots.WorkerSlots("sqlite-both", ("gpu.post", "gpu.txt2img"), 2)
     slots.announce(client, both, ttl_s=120)
     try:

@@ -75,6 +75,8 @@ def test_a_flood_does_not_delay_another_account(
     pg_engine: Engine, storage: Storage, redis_url: str, worker: Any
 ) -> None:
     publisher = Publisher(redis_url)
+    # Earlier tests' short jobs would size a larger buffer; these 0.2 s ones keep the base.
+    redis.Redis.from_url(redis_url).delete(slots.RUN_S_KEY)
     flood = account(pg_engine, "free")
     set_running_cap(pg_engine, flood, 100)  # no cap: only the fair order protects the other
     flooded = submit_many(pg_engine, storage, flood, 30, "sleep:0.2")
@@ -207,6 +209,7 @@ def test_concurrent_dispatchers_never_double_dispatch(
 ) -> None:
     """No worker consumes gpu.post here: the announced slots alone bound what goes out."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.delete(slots.RUN_S_KEY)  # no run-time estimate: the base buffer
     fake = slots.WorkerSlots("announced-post", ("gpu.post",), 4)
     slots.announce(client, fake, ttl_s=120)
     accs = [account(pg_engine, "business") for _ in range(4)]

@@ -66,16 +66,39 @@ HEADS: Final = (
 )
 
 
+# The same two reads on PostgreSQL as fixed driver SQL (every pass runs them; nothing is
+# rendered per call, and psycopg prepares them).
+PG_LOCK_QUEUES_SQL: Final = (
+    "SELECT queue FROM sched_queues WHERE queue = ANY(%(queues)s::text[]) ORDER BY queue FOR UPDATE"
+)
+PG_QUEUE_STATE_SQL: Final = (
+    "SELECT q.queue, q.vtime, (SELECT count(*) FROM dispatch_queue AS d"
+    " WHERE d.queue = q.queue AND d.state = 'dispatched') AS in_flight,"
+    " EXISTS (SELECT 1 FROM sched_flows AS f WHERE f.queue = q.queue AND f.eligible) AS work"
+    " FROM sched_queues AS q WHERE q.queue = ANY(%(queues)s::text[]) ORDER BY q.queue"
+)
+PG_FIRST_FLOWS_SQL: Final = (
+    "SELECT * FROM sched_flows WHERE queue = %(queue)s AND eligible"
+    " ORDER BY sort_key, head_since_s, account_id LIMIT %(limit)s FOR UPDATE"
+)
+
+
 def lock_queues(conn: Connection, queues: tuple[str, ...]) -> list[Row[Any]]:
     """Lock the pool's queue rows (sorted: no deadlock between dispatchers), then read each
     one's virtual time, jobs in flight and whether a flow is eligible."""
-    params = {"b_queues": list(queues)}
-    locked = conn.execute(LOCK_QUEUES, params).scalars().all()
+    if conn.dialect.name == "postgresql":
+        pg = {"queues": list(queues)}
+        locked = conn.exec_driver_sql(PG_LOCK_QUEUES_SQL, pg).scalars().all()
+    else:
+        params = {"b_queues": list(queues)}
+        locked = conn.execute(LOCK_QUEUES, params).scalars().all()
     if len(locked) < len(queues):  # a queue's first dispatch: its row (V = 0)
         for q in set(queues) - set(locked):
             _insert_ignore(conn, sched_queues, {"queue": q, "vtime": 0.0})
-        conn.execute(LOCK_QUEUES, params)
-    return list(conn.execute(QUEUE_STATE, params).all())
+        conn.execute(LOCK_QUEUES, {"b_queues": list(queues)})
+    if conn.dialect.name == "postgresql":
+        return list(conn.exec_driver_sql(PG_QUEUE_STATE_SQL, pg).all())
+    return list(conn.execute(QUEUE_STATE, {"b_queues": list(queues)}).all())
 
 
 @dataclass
@@ -90,7 +113,11 @@ class Plan:
 
 
 def plan_queue(conn: Connection, queue: str, vtime: float, free: int, now_s: float) -> Plan:
-    rows = conn.execute(FIRST_FLOWS, {"b_queue": queue, "b_limit": free}).all()
+    if conn.dialect.name == "postgresql":
+        params = {"queue": queue, "limit": free}
+        rows = conn.exec_driver_sql(PG_FIRST_FLOWS_SQL, params).all()
+    else:
+        rows = conn.execute(FIRST_FLOWS, {"b_queue": queue, "b_limit": free}).all()
     aging = get_settings().sched_aging_per_s
     order = fairness.pick([_as_flow(r) for r in rows], free, vtime, now_s, aging).order
     by = {r.account_id: r for r in rows}

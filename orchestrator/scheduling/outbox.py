@@ -25,11 +25,11 @@ RELAY_BATCH_MAX: Final = 200
 # it): no statement building per call. Marking the rows, moving dispatched jobs on and
 # letting the commit skip the WAL flush wait is one statement (data-modifying CTEs always
 # run; the setting applies to this transaction's COMMIT).
-_PG_PICK_SQL: Final = (
+PG_PICK_SQL: Final = (
     "SELECT id, topic, job_id, payload FROM outbox WHERE published_at IS NULL"
     " AND job_id = ANY(%(jobs)s) ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
 )
-_PG_MARK_SQL: Final = (
+PG_MARK_SQL: Final = (
     "WITH marked AS (UPDATE outbox SET published_at = %(now)s WHERE id = ANY(%(ids)s)),"
     " moved AS (UPDATE jobs SET status = 'dispatched', updated_at = %(now)s"
     " WHERE id = ANY(%(dispatched)s) AND status = 'queued')"
@@ -117,17 +117,23 @@ def mark_sent(conn: Connection, rows: Sequence[Any], now: datetime) -> None:
 
 def _relay_pg(conn: Connection, publish: Publisher, job_ids: list[str], limit: int) -> int:
     """`relay` for some jobs' messages on PostgreSQL: two statements."""
-    rows = conn.exec_driver_sql(_PG_PICK_SQL, {"jobs": list(job_ids), "limit": limit}).all()
+    rows = conn.exec_driver_sql(PG_PICK_SQL, {"jobs": list(job_ids), "limit": limit}).all()
     if not rows:
         return 0
     for row in rows:
         publish(row.topic, row.payload)
-    dispatched = sorted({r.job_id for r in rows if r.topic == "dispatch"})
-    now = utcnow().astimezone(UTC).replace(tzinfo=None)  # naive UTC, as the columns store
-    conn.exec_driver_sql(
-        _PG_MARK_SQL, {"now": now, "ids": [r.id for r in rows], "dispatched": dispatched}
-    )
+    mark_sent_pg(conn, rows, utcnow())
     return len(rows)
+
+
+def mark_sent_pg(conn: Connection, rows: Sequence[Any], now: datetime) -> None:
+    """`mark_sent` on PostgreSQL in one fixed statement, which also lets this transaction's
+    COMMIT skip the WAL flush wait (published marks are safe to lose)."""
+    dispatched = sorted({r.job_id for r in rows if r.topic == "dispatch"})
+    naive = now.astimezone(UTC).replace(tzinfo=None)  # naive UTC, as the columns store
+    conn.exec_driver_sql(
+        PG_MARK_SQL, {"now": naive, "ids": [r.id for r in rows], "dispatched": dispatched}
+    )
 
 
 def relay_quietly(engine: Engine, publish: Publisher, job_id: str | list[str]) -> None:

@@ -19,15 +19,25 @@ a flow's counters in SQL: orchestrator.scheduling.flows).
   transaction; a COMMIT that then fails leaves a task whose job is still `queued`, which
   the worker takes as sent around the scheduler (`taken`). Run after a submit, when a job
   ends (`nudge`) and every `dispatch_interval_s` from beat, so nothing depends on a nudge.
+  On PostgreSQL every statement of a pass is fixed driver SQL (nothing built per call).
+
+Capacity per worker: concurrency + a buffer (`slots.buffer_for`): the base
+`sched_slot_buffer_per_worker`, or for short jobs as many as the worker runs in
+`sched_buffer_lookahead_s` (by its queues' mean run time; at most
+`sched_slot_buffer_max_per_worker`), so a worker of short jobs stays fed and one pass sends
+several jobs. A pass then dispatches only once half of that extra is free
+(`Pool.min_free`); jobs are in flight meanwhile, and each one's end runs a pass, so nothing
+waits beyond those ends.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import lru_cache, partial
 from typing import Any, Final
 
@@ -46,6 +56,7 @@ from billing.db import run_transaction
 from orchestrator.db import commit_without_flush_wait
 from orchestrator.jobs.families import FAMILIES, family_for
 from orchestrator.scheduling import flows, slots
+from orchestrator.scheduling import outbox as outbox_relay
 from orchestrator.scheduling.decision import FLOW_WRITE, apply_plan, lock_queues, plan_queue, share
 from orchestrator.scheduling.flows import (
     DISPATCHED,
@@ -57,11 +68,12 @@ from orchestrator.scheduling.flows import (
 )
 from orchestrator.scheduling.outbox import RELAY_BATCH_MAX, mark_sent
 from orchestrator.settings import get_settings
-from orchestrator.tables import dispatch_queue, jobs, outbox, sched_flows, sched_queues
+from orchestrator.tables import dispatch_queue, jobs, outbox, sched_queues
 
 log = logging.getLogger(__name__)
 
 FAMILY_QUEUES: Final = frozenset(f.queue for f in FAMILIES.values())
+QUEUE_OF: Final = {name: f.queue for name, f in FAMILIES.items()}
 __all__ = [
     "DISPATCHED",
     "QUEUED",
@@ -175,7 +187,7 @@ def _dispatch_pool(
     """One pool's dispatch decision and its writes, in the caller's transaction."""
     locked = lock_queues(conn, pool.queues)
     free = min(limit, pool.capacity - sum(r.in_flight for r in locked))
-    if free <= 0 or not any(r.work for r in locked):
+    if free < min(pool.min_free, limit) or free <= 0 or not any(r.work for r in locked):
         return Dispatched([], [])
     now = utcnow()
     now_s = now.timestamp()
@@ -204,49 +216,13 @@ def _dispatch_pool(
             conn.execute(FLOW_WRITE, flow_writes)
         return Dispatched([], [])
     ids = [t.job_id for t in taken_rows]
-    messages = [
-        {
-            "topic": "dispatch",
-            "job_id": t.job_id,
-            "payload": {"job_id": t.job_id, "type": t.task},
-            "created_at": now,
-            "published_at": None if publish is None else now,  # un-marked below if unsent
-        }
-        for t in taken_rows
-    ]
-    writes = [
-        update(sched_flows)
-        .where(sched_flows.c.queue == w["b_queue"], sched_flows.c.account_id == w["b_account"])
-        .values(
-            running=w["b_running"],
-            queued=w["b_queued"],
-            finish_tag=w["b_finish"],
-            head_tag=w["b_head"],
-            head_since_s=w["b_since"],
-            sort_key=w["b_key"],
-            eligible=w["b_eligible"],
-        )
-        for w in flow_writes
-    ] + [
-        update(sched_queues).where(sched_queues.c.queue == v["b_queue"]).values(vtime=v["b_vtime"])
-        for v in vtimes
-    ]
-    writes += [
-        update(dispatch_queue)
-        .where(dispatch_queue.c.id.in_([t.id for t in taken_rows]))
-        .values(state=DISPATCHED, dispatched_at=now),
-        update(jobs)
-        .where(jobs.c.id.in_(ids), jobs.c.status == QUEUED)
-        .values(status=DISPATCHED, updated_at=now),
-    ]
-    if conn.dialect.name == "postgresql":  # every write in one statement (data-modifying CTEs)
-        conn.execute(
-            insert(outbox).values(messages).add_cte(*(w.cte(f"w{i}") for i, w in enumerate(writes)))
+    if conn.dialect.name == "postgresql":  # every write in one fixed statement
+        conn.exec_driver_sql(
+            DISPATCH_WRITE_RELAXED_SQL if publish is not None else DISPATCH_WRITE_SQL,
+            _write_params(now, taken_rows, flow_writes, vtimes, published=publish is not None),
         )
     else:
-        for w in writes:
-            conn.execute(w)
-        conn.execute(insert(outbox), messages)
+        _write_in_steps(conn, now, taken_rows, flow_writes, vtimes, published=publish is not None)
     if publish is not None:
         # Sent last, with every row of theirs locked and written: a worker that gets a task
         # before COMMIT waits on its job's row, then finds it `dispatched`.
@@ -262,12 +238,118 @@ def _dispatch_pool(
                 )
                 .values(published_at=None)
             )
-        commit_without_flush_wait(conn)  # what it wrote is safe to lose (see the docstring)
+        if conn.dialect.name != "postgresql":  # (the PostgreSQL write statement set it)
+            commit_without_flush_wait(conn)  # what it wrote is safe to lose (see the docstring)
     waits = [
         (plan_of[(t.queue, t.account_id)], (now - t.enqueued_at).total_seconds())
         for t in taken_rows
     ]
     return Dispatched(ids, waits)
+
+
+# The decision's writes on PostgreSQL: one statement of data-modifying CTEs over arrays,
+# written once (no statement built or compiled per call; psycopg prepares it like any
+# other): the flows' new rows, the queues' virtual times, the entries and jobs marked
+# dispatched, and their outbox rows (in pick order). The relaxed form (the nudge, which
+# publishes in the transaction) also lets the COMMIT skip the WAL flush wait.
+_DISPATCH_WRITE_CTES: Final = (
+    "WITH fw AS (UPDATE sched_flows AS f SET running = w.running, queued = w.queued,"
+    " finish_tag = w.finish_tag, head_tag = w.head_tag, head_since_s = w.head_since_s,"
+    " sort_key = w.sort_key, eligible = w.eligible"
+    " FROM unnest(%(f_queue)s::text[], %(f_account)s::text[], %(f_running)s::int[],"
+    " %(f_queued)s::int[], %(f_finish)s::float8[], %(f_head)s::float8[],"
+    " %(f_since)s::float8[], %(f_key)s::float8[], %(f_eligible)s::bool[])"
+    " AS w(queue, account_id, running, queued, finish_tag, head_tag, head_since_s,"
+    " sort_key, eligible)"
+    " WHERE f.queue = w.queue AND f.account_id = w.account_id),"
+    " vw AS (UPDATE sched_queues AS q SET vtime = w.vtime"
+    " FROM unnest(%(v_queue)s::text[], %(v_time)s::float8[]) AS w(queue, vtime)"
+    " WHERE q.queue = w.queue),"
+    " dq AS (UPDATE dispatch_queue SET state = 'dispatched', dispatched_at = %(now)s"
+    " WHERE id = ANY(%(entries)s::bigint[])),"
+    " jb AS (UPDATE jobs SET status = 'dispatched', updated_at = %(now)s"
+    " WHERE id = ANY(%(jobs)s::text[]) AND status = 'queued'),"
+    " ob AS (INSERT INTO outbox (topic, job_id, payload, created_at, published_at)"
+    " SELECT 'dispatch', m.job_id, m.payload::json, %(now)s, %(published)s::timestamp"
+    " FROM unnest(%(jobs)s::text[], %(payloads)s::text[]) WITH ORDINALITY"
+    " AS m(job_id, payload, n) ORDER BY m.n)"
+)
+DISPATCH_WRITE_SQL: Final = _DISPATCH_WRITE_CTES + " SELECT 1"
+DISPATCH_WRITE_RELAXED_SQL: Final = (
+    _DISPATCH_WRITE_CTES + " SELECT set_config('synchronous_commit', 'off', true)"
+)
+
+
+def _write_params(
+    now: datetime,
+    taken_rows: list[Row[Any]],
+    flow_writes: list[dict[str, Any]],
+    vtimes: list[dict[str, Any]],
+    *,
+    published: bool,
+) -> dict[str, Any]:
+    naive = now.astimezone(UTC).replace(tzinfo=None)  # naive UTC, as the columns store
+    return {
+        "f_queue": [w["b_queue"] for w in flow_writes],
+        "f_account": [w["b_account"] for w in flow_writes],
+        "f_running": [w["b_running"] for w in flow_writes],
+        "f_queued": [w["b_queued"] for w in flow_writes],
+        "f_finish": [float(w["b_finish"]) for w in flow_writes],
+        "f_head": [float(w["b_head"]) for w in flow_writes],
+        "f_since": [float(w["b_since"]) for w in flow_writes],
+        "f_key": [float(w["b_key"]) for w in flow_writes],
+        "f_eligible": [bool(w["b_eligible"]) for w in flow_writes],
+        "v_queue": [v["b_queue"] for v in vtimes],
+        "v_time": [float(v["b_vtime"]) for v in vtimes],
+        "now": naive,
+        "entries": [t.id for t in taken_rows],
+        "jobs": [t.job_id for t in taken_rows],
+        "payloads": [json.dumps({"job_id": t.job_id, "type": t.task}) for t in taken_rows],
+        "published": naive if published else None,
+    }
+
+
+def _write_in_steps(
+    conn: Connection,
+    now: datetime,
+    taken_rows: list[Row[Any]],
+    flow_writes: list[dict[str, Any]],
+    vtimes: list[dict[str, Any]],
+    *,
+    published: bool,
+) -> None:
+    """The decision's writes statement by statement (SQLite)."""
+    if flow_writes:
+        conn.execute(FLOW_WRITE, flow_writes)
+    for v in vtimes:
+        conn.execute(
+            update(sched_queues)
+            .where(sched_queues.c.queue == v["b_queue"])
+            .values(vtime=v["b_vtime"])
+        )
+    conn.execute(
+        update(dispatch_queue)
+        .where(dispatch_queue.c.id.in_([t.id for t in taken_rows]))
+        .values(state=DISPATCHED, dispatched_at=now)
+    )
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id.in_([t.job_id for t in taken_rows]), jobs.c.status == QUEUED)
+        .values(status=DISPATCHED, updated_at=now)
+    )
+    conn.execute(
+        insert(outbox),
+        [
+            {
+                "topic": "dispatch",
+                "job_id": t.job_id,
+                "payload": {"job_id": t.job_id, "type": t.task},
+                "created_at": now,
+                "published_at": now if published else None,  # un-marked later if unsent
+            }
+            for t in taken_rows
+        ],
+    )
 
 
 def _publish(publish: Publish, entries: list[Row[Any]], sent: set[str] | None) -> set[str]:
@@ -305,17 +387,23 @@ def dispatch_once(
     return _dispatch_all(engine, redis, limit, publish, [])[0]
 
 
-def _relay_in(conn: Connection, publish: Publish, job_ids: list[str]) -> None:
+def _relay_in(conn: Connection, publish: Publish, job_ids: list[str]) -> bool:
     """The outbox relay of `job_ids` (orchestrator.scheduling.outbox.relay), inside the
     dispatch transaction: one BEGIN/COMMIT for both. A failed publish leaves the rest
-    unpublished for the re-publisher; a rollback only means sending them again."""
-    rows = conn.execute(
-        select(outbox)
-        .where(outbox.c.published_at.is_(None), outbox.c.job_id.in_(job_ids))
-        .order_by(outbox.c.id)
-        .limit(RELAY_BATCH_MAX)
-        .with_for_update(skip_locked=True)
-    ).all()
+    unpublished for the re-publisher; a rollback only means sending them again. Returns
+    whether it marked any published."""
+    pg = conn.dialect.name == "postgresql"
+    if pg:  # the relay's own fixed statements (no building per call)
+        params = {"jobs": list(job_ids), "limit": RELAY_BATCH_MAX}
+        rows = conn.exec_driver_sql(outbox_relay.PG_PICK_SQL, params).all()
+    else:
+        rows = conn.execute(
+            select(outbox)
+            .where(outbox.c.published_at.is_(None), outbox.c.job_id.in_(job_ids))
+            .order_by(outbox.c.id)
+            .limit(RELAY_BATCH_MAX)
+            .with_for_update(skip_locked=True)
+        ).all()
     sent = []
     for row in rows:
         try:
@@ -325,8 +413,12 @@ def _relay_in(conn: Connection, publish: Publish, job_ids: list[str]) -> None:
             break
         sent.append(row)
     if not sent:
-        return
-    mark_sent(conn, sent, utcnow())
+        return False
+    if pg:  # (it also lets the COMMIT skip the WAL flush wait)
+        outbox_relay.mark_sent_pg(conn, sent, utcnow())
+    else:
+        mark_sent(conn, sent, utcnow())
+    return True
 
 
 def _pool_transaction(
@@ -339,8 +431,8 @@ def _pool_transaction(
 ) -> Dispatched:
     done = _dispatch_pool(conn, pool=pool, limit=limit, publish=publish, sent=sent)
     if relay_ids and publish is not None:
-        _relay_in(conn, publish, relay_ids)
-        if not done.job_ids:  # (a dispatch already set it)
+        marked = _relay_in(conn, publish, relay_ids)
+        if marked and not done.job_ids and conn.dialect.name != "postgresql":
             commit_without_flush_wait(conn)  # published marks: safe to lose
     return done
 
@@ -352,7 +444,17 @@ def _dispatch_all(
     job ids dispatched and whether the relay ran."""
     settings = get_settings()
     limit = limit or settings.dispatch_batch_max
-    pools = slots.pools(slots.live(redis), settings.sched_slot_buffer_per_worker, FAMILY_QUEUES)
+    workers, run_s = slots.live_and_run_s(redis)
+    base = settings.sched_slot_buffer_per_worker
+    buffer = partial(
+        slots.buffer_for,
+        run_s=run_s,
+        base=base,
+        lookahead_s=settings.sched_buffer_lookahead_s,
+        most=settings.sched_slot_buffer_max_per_worker,
+        queue_of=QUEUE_OF,
+    )
+    pools = slots.pools(workers, buffer, FAMILY_QUEUES, base_buffer=base)
     out: list[str] = []
     waits: list[tuple[str, float]] = []
     relayed = False

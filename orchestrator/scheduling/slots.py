@@ -13,9 +13,10 @@ Run times: an exponentially weighted mean of the seconds a task occupied a slot,
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -59,6 +60,22 @@ def live(redis: Any, now_s: float | None = None) -> list[WorkerSlots]:
     pipe.zremrangebyscore(SLOTS_KEY, "-inf", now_s or time.time())
     pipe.zrange(SLOTS_KEY, 0, WORKERS_MAX - 1)
     _, members = pipe.execute()
+    return _workers(members)
+
+
+def live_and_run_s(
+    redis: Any, now_s: float | None = None
+) -> tuple[list[WorkerSlots], dict[str, float]]:
+    """`live` and `mean_run_s` in one round trip (the dispatcher's pass)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.zremrangebyscore(SLOTS_KEY, "-inf", now_s or time.time())
+    pipe.zrange(SLOTS_KEY, 0, WORKERS_MAX - 1)
+    pipe.hgetall(RUN_S_KEY)
+    _, members, means = pipe.execute()
+    return _workers(members), _means(means)
+
+
+def _workers(members: Iterable[Any]) -> list[WorkerSlots]:
     workers = []
     for raw in members:
         try:
@@ -81,22 +98,55 @@ def slots_per_queue(workers: Iterable[WorkerSlots], buffer_per_worker: int = 0) 
     return dict(out)
 
 
+def buffer_for(
+    worker: WorkerSlots,
+    run_s: Mapping[str, float],
+    base: int,
+    lookahead_s: float,
+    most: int,
+    queue_of: Mapping[str, str],
+) -> int:
+    """Tasks dispatched beyond `worker`'s concurrency: `base`, or more for short jobs, as
+    many as its slots run in `lookahead_s` (concurrency x lookahead_s / mean run seconds,
+    rounded down, at most `most`), so a worker of short jobs is never starved between
+    dispatch passes and one pass sends several. The mean is the longest of the families
+    its queues run that have one (`tollgate:sched:run_s`); none known: `base`. A job
+    arriving behind the buffer waits at most about `lookahead_s` longer for it."""
+    served = set(worker.queues)
+    known = [s for family, s in run_s.items() if queue_of.get(family) in served]
+    if not known or lookahead_s <= 0 or most <= base:
+        return base
+    longest = max(known)
+    if longest <= 0:
+        return max(base, most)
+    return max(base, min(most, math.floor(worker.concurrency * lookahead_s / longest)))
+
+
 @dataclass(frozen=True)
 class Pool:
     """Queues that share workers (a connected group): at most `capacity` jobs in flight
     over all of them (each worker's concurrency + buffer counted once), and at most
-    `slots[q]` on queue q (what the workers serving q have)."""
+    `slots[q]` on queue q (what the workers serving q have). A pass dispatches only when
+    at least `min_free` slots are free (1; half the buffer beyond the base when short jobs
+    enlarged it: one pass then sends several jobs instead of one per job end)."""
 
     queues: tuple[str, ...]
     slots: dict[str, int]
     capacity: int
+    min_free: int = 1
 
 
 def pools(
-    workers: Iterable[WorkerSlots], buffer_per_worker: int = 0, only: Iterable[str] | None = None
+    workers: Iterable[WorkerSlots],
+    buffer_per_worker: int | Callable[[WorkerSlots], int] = 0,
+    only: Iterable[str] | None = None,
+    base_buffer: int | None = None,
 ) -> list[Pool]:
-    """The live workers' queues (those in `only`, when given) grouped into pools."""
+    """The live workers' queues (those in `only`, when given) grouped into pools.
+    `buffer_per_worker`: a number, or a worker's buffer (`buffer_for`); what it adds
+    beyond `base_buffer` per worker sets the pools' `min_free`."""
     keep = None if only is None else set(only)
+    buffer = buffer_per_worker if callable(buffer_per_worker) else lambda _: buffer_per_worker
     parent: dict[str, str] = {}
 
     def root(q: str) -> str:
@@ -106,11 +156,15 @@ def pools(
         return q
 
     served: list[tuple[tuple[str, ...], int]] = []
+    extra: dict[str, int] = defaultdict(int)  # per worker's first queue, then per root
     for worker in workers:
         queues = tuple(sorted(q for q in set(worker.queues) if keep is None or q in keep))
         if not queues:
             continue
-        served.append((queues, worker.concurrency + buffer_per_worker))
+        n = buffer(worker)
+        served.append((queues, worker.concurrency + n))
+        if base_buffer is not None:
+            extra[queues[0]] += max(0, n - base_buffer)
         for q in queues:
             parent.setdefault(q, q)
         for q in queues[1:]:
@@ -121,11 +175,14 @@ def pools(
         capacity[root(queues[0])] += n
         for q in queues:
             slots[q] += n
+    more: dict[str, int] = defaultdict(int)
+    for q, n in extra.items():
+        more[root(q)] += n
     members: dict[str, list[str]] = defaultdict(list)
     for q in parent:
         members[root(q)].append(q)
     return [
-        Pool(tuple(sorted(qs)), {q: slots[q] for q in qs}, capacity[r])
+        Pool(tuple(sorted(qs)), {q: slots[q] for q in qs}, capacity[r], max(1, more[r] // 2))
         for r, qs in sorted(members.items(), key=lambda item: min(item[1]))
     ]
 
@@ -171,7 +228,17 @@ def record_run(redis: Any, task: str, seconds: float) -> None:
 
 
 def mean_run_s(redis: Any) -> dict[str, float]:
-    return {str(k): float(v) for k, v in (redis.hgetall(RUN_S_KEY) or {}).items()}
+    return _means(redis.hgetall(RUN_S_KEY))
+
+
+def _means(raw: Mapping[Any, Any] | None) -> dict[str, float]:
+    out = {}
+    for k, v in (raw or {}).items():
+        try:
+            out[k.decode() if isinstance(k, bytes) else str(k)] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def record_waits(redis: Any, waits: Iterable[tuple[str, float]]) -> None:
