@@ -52,8 +52,7 @@ FALLBACK: Final = "fallback"
 _PG_FINISH_RELEASE_SQL: Final = (
     f"WITH fin AS MATERIALIZED ({_PG_FINISH_SQL}), "
     + flows.release_ctes(
-        f"EXISTS (SELECT 1 FROM fin WHERE fin.r_status <> '{FALLBACK}'"
-        " AND fin.r_alert IS NOT NULL)"
+        f"EXISTS (SELECT 1 FROM fin WHERE fin.r_status <> '{FALLBACK}' AND fin.r_alert IS NOT NULL)"
     )
     + " SELECT r_status, r_alert, r_account_id, r_credit_kind FROM fin"
 )
