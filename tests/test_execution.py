@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, select, update
 
 from billing.clock import utcnow
@@ -42,6 +43,7 @@ def test_outputs_are_recorded_with_the_next_progress_write(
 ) -> None:
     job_id, ctx = started(pg_engine, storage)
     ctx.deliver(0, b"png-0", {"seed": 1})
+    ctx._last_check = 0.0  # (a check is due)
     ctx.progress(1, 3)  # within the write interval of begin: a lease check only
     assert outputs(pg_engine, job_id) == []
     ctx._last_write = 0.0  # the interval has passed
@@ -112,3 +114,15 @@ def test_commit_without_flush_wait_is_for_one_transaction_only(pg_engine: Engine
 
     assert run_transaction(pg_engine, relaxed) == "off"
     assert run_transaction(pg_engine, setting) == "on"
+
+
+def test_progress_reads_the_cancel_flag_at_most_once_per_check_interval(
+    pg_engine: Engine, storage: Storage
+) -> None:
+    job_id, ctx = started(pg_engine, storage)
+    jobs.cancel(pg_engine, ctx.attempt.account_id, job_id)
+    ctx.progress(1, 3)  # begin checked a moment ago: no read, the run goes on
+    ctx._last_check -= execution.PROGRESS_CHECK_INTERVAL_S  # the interval has passed
+    with pytest.raises(execution.JobStopped, match="canceled"):
+        ctx.progress(2, 3)
+    execution.finish(pg_engine, ctx.attempt, states.CANCELED, "canceled", ctx=ctx)

@@ -17,6 +17,10 @@ from orchestrator.jobs import states
 from orchestrator.settlement.settle import settle
 
 PROGRESS_WRITE_INTERVAL_S: Final = 0.25
+# Between writes, progress reads the lease and the cancel flag at most this often (begin
+# has just checked both): a cancel stops the run within this + one step, and a job of many
+# short steps costs a read per interval, not per step.
+PROGRESS_CHECK_INTERVAL_S: Final = 0.1
 # Transient faults: how long each step keeps retrying (seconds). Progress gives up fast and
 # skips the database for PROGRESS_FAULT_PAUSE_S, so the render never waits on it; finish
 # keeps trying for as long as a lease lasts, and begin in between.

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Row
 from billing.db import is_transient, run_transaction
 from orchestrator.db import commit_without_flush_wait
 from orchestrator.execution.attempt import (
+    PROGRESS_CHECK_INTERVAL_S,
     PROGRESS_FAULT_PAUSE_S,
     PROGRESS_RETRY_BUDGET_S,
     PROGRESS_WRITE_INTERVAL_S,
@@ -53,6 +54,8 @@ class RunContext:
     total: int = 0
     # `begin` wrote progress 0 just now: the first write is due an interval later.
     _last_write: float = field(default_factory=time.monotonic)
+    # ... and checked the lease and the cancel flag: the next check is due an interval later.
+    _last_check: float = field(default_factory=time.monotonic)
     # After a transient database fault, progress leaves the database alone until then.
     _db_paused_until: float = 0.0
     db_faults: int = 0
@@ -94,6 +97,8 @@ class RunContext:
         if now < self._db_paused_until:
             return  # the database was unreachable a moment ago: render on, write later
         write = now - self._last_write >= PROGRESS_WRITE_INTERVAL_S
+        if not write and now - self._last_check < PROGRESS_CHECK_INTERVAL_S:
+            return  # checked a moment ago
         pending = list(self.unrecorded) if write else []
 
         def work(conn: Connection) -> None:
@@ -123,6 +128,7 @@ class RunContext:
                 str(exc).splitlines()[0][:200],
             )
             return
+        self._last_check = now
         if write:
             self._last_write = now
             del self.unrecorded[: len(pending)]

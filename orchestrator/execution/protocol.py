@@ -15,8 +15,9 @@ Protocol (each step its own transaction, under the job's row lock):
    recorded in job_results as late and charges nothing.
 
 A plain job therefore costs two durable transactions on the worker (`begin` does not wait
-for its WAL flush: losing it loses only a lease, see `commit_without_flush_wait`), plus one
-read per step and a progress write at most every PROGRESS_WRITE_INTERVAL_S. On PostgreSQL
+for its WAL flush: losing it loses only a lease, see `commit_without_flush_wait`), plus a
+lease and cancel read at most every PROGRESS_CHECK_INTERVAL_S and a progress write at most
+every PROGRESS_WRITE_INTERVAL_S. On PostgreSQL
 the usual `begin` and `finish` are one PL/pgSQL call each (migration 0011).
 
 Transient database faults (docs/architecture.md, "Transient faults") never fail a job: a
@@ -40,6 +41,9 @@ from billing.clock import utcnow
 from billing.db import is_transient
 from orchestrator.execution.attempt import FINISH_RETRY_BUDGET_S as FINISH_RETRY_BUDGET_S
 from orchestrator.execution.attempt import JOB_PHASE as JOB_PHASE
+from orchestrator.execution.attempt import (
+    PROGRESS_CHECK_INTERVAL_S as PROGRESS_CHECK_INTERVAL_S,
+)
 from orchestrator.execution.attempt import (
     PROGRESS_WRITE_INTERVAL_S as PROGRESS_WRITE_INTERVAL_S,
 )

@@ -5,10 +5,10 @@ On PostgreSQL a plain job whose current attempt finishes (no webhook, no outputs
 before) is settled by one call of the PL/pgSQL function `tollgate_job_finish` (migration
 0011): under the job's row lock it does what the Python path below does, in one round trip:
 the outputs and final progress, the attempt's end, the job_results row, the ledger's
-commit or release (tollgate_ledger_resolve), the job's end and its `event` outbox row. What
-stays in Python, in the same transaction: the scheduler's release of the slot and, when the
-account has a low-balance alert, its check. The function returns `fallback` (changing
-nothing) whenever the job needs the Python path.
+commit or release (tollgate_ledger_resolve), the job's end and its `event` outbox row; the
+same statement gives the scheduler its slot back (flows.release_ctes). What stays in
+Python, in the same transaction: when the account has a low-balance alert, its check. The
+function returns `fallback` (changing nothing) whenever the job needs the Python path.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from orchestrator.execution.attempt import (
 from orchestrator.execution.context import RunContext, merged
 from orchestrator.jobs import states
 from orchestrator.jobs.records import lock_job
-from orchestrator.scheduling import scheduler
+from orchestrator.scheduling import flows
+from orchestrator.settings import get_settings
 from orchestrator.settlement import alerts
 from orchestrator.tables import job_results, jobs
 
@@ -45,6 +46,16 @@ _PG_FINISH_SQL: Final = (
     " %(now)s::timestamp, %(at)s::text)"
 )
 FALLBACK: Final = "fallback"
+# The call and the scheduler's release of the slot (the statement scheduler.release runs,
+# as CTEs) in one round trip: the release runs only when the call ended the phase (not a
+# fallback, not a result recorded before: then r_alert is NULL).
+_PG_FINISH_RELEASE_SQL: Final = (
+    f"WITH fin AS MATERIALIZED ({_PG_FINISH_SQL}), "
+    + flows.release_ctes(
+        f"EXISTS (SELECT 1 FROM fin WHERE fin.r_status <> '{FALLBACK}' AND fin.r_alert IS NOT NULL)"
+    )
+    + " SELECT r_status, r_alert, r_account_id, r_credit_kind FROM fin"
+)
 
 
 def finish(
@@ -115,7 +126,7 @@ def _finish_pg(
     )
     now = utcnow()
     row = conn.exec_driver_sql(
-        _PG_FINISH_SQL,
+        _PG_FINISH_RELEASE_SQL,
         {
             "job": attempt.job_id,
             "attempt": attempt.number,
@@ -131,13 +142,13 @@ def _finish_pg(
             "total": ctx.total if ctx.total else None,
             "now": now.astimezone(UTC).replace(tzinfo=None),
             "at": now.isoformat(),
+            "release_now_s": now.timestamp(),
+            "release_aging": float(get_settings().sched_aging_per_s),
         },
     ).one()
-    if row.r_status == FALLBACK or row.r_alert is None:
-        return str(row.r_status)  # fallback, or the result was already recorded
+    # (a fallback, or a result recorded before, changed nothing; else the slot is free)
     if row.r_alert:
         alerts.check(conn, row.r_account_id, row.r_credit_kind, now, attempt.job_id)
-    scheduler.release(conn, attempt.job_id, now)  # the phase ended: its slot is free
     return str(row.r_status)
 
 

@@ -152,11 +152,17 @@ def _change_stmt(d_queued: int, d_running: int) -> Any:
 # with `_changes`' arithmetic; the SET expressions read the flow's own columns, so a
 # concurrent writer's newer row version is what they change. Written out by hand: short
 # enough for psycopg's query cache (4 kB), which the built form (7 kB) missed.
-_NEW_QUEUED: Final = "GREATEST(f.queued - 1 + g.held, 0)"
-_NEW_RUNNING: Final = "GREATEST(f.running - g.held, 0)"
-_ELIGIBLE: Final = f"({_NEW_QUEUED} > 0 AND {_NEW_RUNNING} < f.cap)"
-_ENTERING: Final = f"({_ELIGIBLE} AND NOT (f.queued > 0 AND f.running < f.cap))"
-_HEAD: Final = "GREATEST(g.vtime, f.finish_tag)"
+def _release_exprs(g: str) -> tuple[str, str, str, str, str]:
+    """(new queued, new running, eligible, entering, head) of flow `f` released by the
+    relation `g` (its `held` and `vtime`)."""
+    new_queued = f"GREATEST(f.queued - 1 + {g}.held, 0)"
+    new_running = f"GREATEST(f.running - {g}.held, 0)"
+    eligible = f"({new_queued} > 0 AND {new_running} < f.cap)"
+    entering = f"({eligible} AND NOT (f.queued > 0 AND f.running < f.cap))"
+    return new_queued, new_running, eligible, entering, f"GREATEST({g}.vtime, f.finish_tag)"
+
+
+_NEW_QUEUED, _NEW_RUNNING, _ELIGIBLE, _ENTERING, _HEAD = _release_exprs("g")
 RELEASED_SQL: Final = f"""WITH gone AS (
  DELETE FROM dispatch_queue WHERE job_id = %(job)s
  RETURNING queue, account_id, CASE WHEN state = '{DISPATCHED}' THEN 1 ELSE 0 END AS held
@@ -172,6 +178,31 @@ UPDATE sched_flows f SET
  sort_key = CASE WHEN {_ENTERING} THEN {_HEAD} + %(aging)s * %(now)s ELSE f.sort_key END,
  eligible = {_ELIGIBLE}
 FROM g WHERE f.queue = g.queue AND f.account_id = g.account_id"""
+
+
+def release_ctes(guard: str) -> str:
+    """The same release as CTEs (`rel_gone`, `rel_g`, `rel_flow`) to compose into another
+    statement, run only where `guard` (an SQL condition) holds. Its parameters: %(job)s,
+    %(release_now_s)s and %(release_aging)s (orchestrator.execution.result: `finish` and
+    the release in one round trip)."""
+    new_queued, new_running, eligible, entering, head = _release_exprs("rel_g")
+    return f"""rel_gone AS (
+ DELETE FROM dispatch_queue WHERE job_id = %(job)s AND ({guard})
+ RETURNING queue, account_id, CASE WHEN state = '{DISPATCHED}' THEN 1 ELSE 0 END AS held
+), rel_g AS (
+ SELECT rel_gone.*, COALESCE((SELECT q.vtime FROM sched_queues q
+  WHERE q.queue = rel_gone.queue), 0.0) AS vtime FROM rel_gone
+), rel_flow AS (
+ UPDATE sched_flows f SET
+ queued = {new_queued},
+ running = {new_running},
+ head_tag = CASE WHEN {entering} THEN {head} ELSE f.head_tag END,
+ head_since_s = CASE WHEN {entering} THEN %(release_now_s)s ELSE f.head_since_s END,
+ sort_key = CASE WHEN {entering} THEN {head} + %(release_aging)s * %(release_now_s)s
+  ELSE f.sort_key END,
+ eligible = {eligible}
+ FROM rel_g WHERE f.queue = rel_g.queue AND f.account_id = rel_g.account_id
+)"""
 
 
 def released(conn: Connection, job_id: str, now_s: float) -> None:
