@@ -35,6 +35,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import cpu  # noqa: E402
 from bench.bench_env import bench_secrets  # noqa: E402
 from bench.cpu import CLOCK_TICKS_PER_S  # noqa: E402
 from bench.ledger import bench_database, libpq_url  # noqa: E402
@@ -220,6 +221,15 @@ def open_loop(
     return Latency(len(latencies), q[49] * 1000, q[98] * 1000, 1000 * cpu / len(latencies))
 
 
+def wait_started(log: Path, processes: int, timeout_s: float = 120.0) -> None:
+    """Until each of uvicorn's worker processes has logged its startup."""
+    deadline = time.monotonic() + timeout_s
+    while log.read_bytes().count(b"Application startup complete") < processes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log}: {processes} processes never started")
+        time.sleep(0.2)
+
+
 def _stack() -> str:
     """What uvicorn picks here (`loop="auto"`, `http="auto"`) for both servers."""
     import importlib.util
@@ -376,7 +386,10 @@ def main() -> None:
             )
             time.sleep(5)  # the worker drains the backlog the capacity runs left
             rate_s = min(args.rate_seconds, SECONDS_MAX)
+            scope = cpu.Scope(os.getpid(), db_url.rsplit("/", 1)[1])
+            before = cpu.snapshot(scope)
             lat = open_loop(ours_url, new.api_key, rate, rate_s)
+            spent = {"one process": cpu.per_job_ms(before, cpu.snapshot(scope), lat.accepted)}
             lat_multi = None
             if args.p99_workers > 1:  # the same, with N API processes on one port
                 servers[0].terminate()
@@ -393,11 +406,14 @@ def main() -> None:
                         logs / "api-workers.log",
                     )
                 )
-                wait_log(logs / "api-workers.log", b"Uvicorn running")
-                time.sleep(3)  # every worker process up (each logs its own startup)
+                wait_started(logs / "api-workers.log", args.p99_workers)
                 open_loop(multi_url, new.api_key, rate, 2)  # warm each process's pool
                 time.sleep(3)
+                before = cpu.snapshot(scope)
                 lat_multi = open_loop(multi_url, new.api_key, rate, rate_s)
+                spent[f"--workers {args.p99_workers}"] = cpu.per_job_ms(
+                    before, cpu.snapshot(scope), lat_multi.accepted
+                )
         finally:
             for p in [*servers, *([worker] if worker else [])]:
                 p.terminate()
@@ -437,6 +453,7 @@ def main() -> None:
             f"  (target p99 <= 25 ms: {'MET' if one.p99_ms <= 25 else 'NOT MET'});"
             f" generator CPU {one.client_cpu_ms:.2f} ms/request"
         )
+        print(f"  CPU per request by process group: {cpu.describe(spent[label])}")
     print(
         f"server stack: {_stack()}; open-loop generator: asyncio, {OPEN_LOOP_CONNECTIONS}"
         " keep-alive connections, latency from each request's scheduled send time"
