@@ -8,10 +8,18 @@ the same run, on the same PostgreSQL server, driven by the same load generator (
    (read from /proc: less noisy than req/s on a shared box).
 2. Capacity of `GET /v1/jobs/{id}` against a baseline single-row SELECT. Target >= 0.5.
 3. Latency of `POST /v1/jobs` at a fixed rate (open loop, default 100 req/s) while a Celery
-   worker on the same box runs the submitted jobs. Target p99 <= 25 ms.
+   worker on the same box runs the submitted jobs. Target p99 <= 25 ms. The generator is
+   this process: asyncio over a bounded pool of keep-alive connections, the request bytes
+   built once, each latency from the request's scheduled send time (waiting for a free
+   connection or in the server's queue counts). Measured for one API process, then (as a
+   separate, labelled figure) for `tollgate api --workers N` (`--p99-workers`, default 2);
+   the CPU per request of each process group (API, worker, PostgreSQL, the generator) is
+   printed with it.
 
-Both servers are one uvicorn process with the same log level. Needs `wrk` (Debian).
+Both servers are one uvicorn process with the same log level and the same uvicorn stack
+(uvloop + httptools when installed: both pick them). Needs `wrk` (Debian).
 Usage: python bench/api.py [--seconds 8] [--connections 4] [--rate 100] [--rate-seconds 10]
+       [--p99-workers 2] [--profile FILE]
 """
 
 from __future__ import annotations
