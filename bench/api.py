@@ -399,29 +399,33 @@ def main() -> None:
             lat = open_loop(ours_url, new.api_key, rate, rate_s)
             spent = {"one process": cpu.per_job_ms(before, cpu.snapshot(scope), lat.accepted)}
             lat_multi = None
+            multi_error = ""
             if args.p99_workers > 1:  # the same, with N API processes on one port
-                servers[0].terminate()
-                servers[0].wait(timeout=30)
-                multi_port = free_port()
-                multi_url = f"http://127.0.0.1:{multi_port}"
-                servers.append(
-                    spawn(
-                        [
-                            *(sys.executable, "-m", "orchestrator", "api"),
-                            *("--port", str(multi_port), "--workers", str(args.p99_workers)),
-                        ],
-                        env,
-                        logs / "api-workers.log",
+                try:
+                    servers[0].terminate()
+                    servers[0].wait(timeout=30)
+                    multi_port = free_port()
+                    multi_url = f"http://127.0.0.1:{multi_port}"
+                    servers.append(
+                        spawn(
+                            [
+                                *(sys.executable, "-m", "orchestrator", "api"),
+                                *("--port", str(multi_port), "--workers", str(args.p99_workers)),
+                            ],
+                            env,
+                            logs / "api-workers.log",
+                        )
                     )
-                )
-                wait_started(logs / "api-workers.log", args.p99_workers)
-                open_loop(multi_url, new.api_key, rate, 2)  # warm each process's pool
-                time.sleep(3)
-                before = cpu.snapshot(scope)
-                lat_multi = open_loop(multi_url, new.api_key, rate, rate_s)
-                spent[f"--workers {args.p99_workers}"] = cpu.per_job_ms(
-                    before, cpu.snapshot(scope), lat_multi.accepted
-                )
+                    wait_started(logs / "api-workers.log", args.p99_workers)
+                    open_loop(multi_url, new.api_key, rate, 2)  # warm each process's pool
+                    time.sleep(3)
+                    before = cpu.snapshot(scope)
+                    lat_multi = open_loop(multi_url, new.api_key, rate, rate_s)
+                    spent[f"--workers {args.p99_workers}"] = cpu.per_job_ms(
+                        before, cpu.snapshot(scope), lat_multi.accepted
+                    )
+                except Exception as exc:  # keep the figures measured so far
+                    multi_error = f"--workers {args.p99_workers}: {exc!r}"
         finally:
             for p in [*servers, *([worker] if worker else [])]:
                 p.terminate()
@@ -462,6 +466,8 @@ def main() -> None:
             f" generator CPU {one.client_cpu_ms:.2f} ms/request"
         )
         print(f"  CPU per request by process group: {cpu.describe(spent[label])}")
+    if multi_error:
+        print(f"not measured: {multi_error}")
     print(
         f"server stack: {_stack()}; open-loop generator: asyncio, {OPEN_LOOP_CONNECTIONS}"
         " keep-alive connections, latency from each request's scheduled send time"
