@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,6 +230,27 @@ def open_loop(
     return Latency(len(latencies), q[49] * 1000, q[98] * 1000, 1000 * cpu / len(latencies))
 
 
+def backend_cpu(db_url: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend of the bench database (both servers',
+    the worker's)."""
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        pids = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        ).fetchall()
+    return {pid: cpu_s(pid) for (pid,) in pids}
+
+
+def phase_ms(
+    before: Counter[str], pg_before: dict[int, float], scope: cpu.Scope, db_url: str, n: int
+) -> dict[str, float]:
+    """CPU ms per request of each process group, and of the database's backends."""
+    ms = cpu.per_job_ms(before, cpu.snapshot(scope), n)
+    pg_s = sum(s - pg_before.get(pid, 0.0) for pid, s in backend_cpu(db_url).items())
+    ms["postgres backends"] = 1000 * pg_s / n
+    return dict(sorted(ms.items(), key=lambda kv: -kv[1]))
+
+
 def wait_started(log: Path, processes: int, timeout_s: float = 120.0) -> None:
     """Until each of uvicorn's worker processes has logged its startup."""
     deadline = time.monotonic() + timeout_s
@@ -394,10 +416,14 @@ def main() -> None:
             )
             time.sleep(5)  # the worker drains the backlog the capacity runs left
             rate_s = min(args.rate_seconds, SECONDS_MAX)
-            scope = cpu.Scope(os.getpid(), db_url.rsplit("/", 1)[1])
-            before = cpu.snapshot(scope)
+            # This process's tree by group; the bench database's backends per pid (a group's
+            # sum would lose a backend that closes during the run, and what it had spent).
+            scope = cpu.Scope(os.getpid())
+            before, pg_before = cpu.snapshot(scope), backend_cpu(db_url)
             lat = open_loop(ours_url, new.api_key, rate, rate_s)
-            spent = {"one process": cpu.per_job_ms(before, cpu.snapshot(scope), lat.accepted)}
+            spent = {
+                "one process": phase_ms(before, pg_before, scope, db_url, lat.accepted),
+            }
             lat_multi = None
             multi_error = ""
             if args.p99_workers > 1:  # the same, with N API processes on one port
@@ -419,10 +445,10 @@ def main() -> None:
                     wait_started(logs / "api-workers.log", args.p99_workers)
                     open_loop(multi_url, new.api_key, rate, 2)  # warm each process's pool
                     time.sleep(3)
-                    before = cpu.snapshot(scope)
+                    before, pg_before = cpu.snapshot(scope), backend_cpu(db_url)
                     lat_multi = open_loop(multi_url, new.api_key, rate, rate_s)
-                    spent[f"--workers {args.p99_workers}"] = cpu.per_job_ms(
-                        before, cpu.snapshot(scope), lat_multi.accepted
+                    spent[f"--workers {args.p99_workers}"] = phase_ms(
+                        before, pg_before, scope, db_url, lat_multi.accepted
                     )
                 except Exception as exc:  # keep the figures measured so far
                     multi_error = f"--workers {args.p99_workers}: {exc!r}"
@@ -465,7 +491,11 @@ def main() -> None:
             f"  (target p99 <= 25 ms: {'MET' if one.p99_ms <= 25 else 'NOT MET'});"
             f" generator CPU {one.client_cpu_ms:.2f} ms/request"
         )
-        print(f"  CPU per request by process group: {cpu.describe(spent[label])}")
+        print(f"  CPU ms per request by process group: {cpu.describe(spent[label])}")
+    print(
+        "  (api: `tollgate api`'s parent process; other: its uvicorn worker processes with"
+        " --workers, and the idle baseline server)"
+    )
     if multi_error:
         print(f"not measured: {multi_error}")
     print(
