@@ -8,15 +8,24 @@ the same run, on the same PostgreSQL server, driven by the same load generator (
    (read from /proc: less noisy than req/s on a shared box).
 2. Capacity of `GET /v1/jobs/{id}` against a baseline single-row SELECT. Target >= 0.5.
 3. Latency of `POST /v1/jobs` at a fixed rate (open loop, default 100 req/s) while a Celery
-   worker on the same box runs the submitted jobs. Target p99 <= 25 ms.
+   worker on the same box runs the submitted jobs. Target p99 <= 25 ms. The generator is
+   this process: asyncio over a bounded pool of keep-alive connections, the request bytes
+   built once, each latency from the request's scheduled send time (waiting for a free
+   connection or in the server's queue counts). Measured for one API process, then (as a
+   separate, labelled figure) for `tollgate api --workers N` (`--p99-workers`, default 2);
+   the CPU per request of each process group (API, worker, PostgreSQL, the generator) is
+   printed with it.
 
-Both servers are one uvicorn process with the same log level. Needs `wrk` (Debian).
+Both servers are one uvicorn process with the same log level and the same uvicorn stack
+(uvloop + httptools when installed: both pick them). Needs `wrk` (Debian).
 Usage: python bench/api.py [--seconds 8] [--connections 4] [--rate 100] [--rate-seconds 10]
+       [--p99-workers 2] [--profile FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import secrets
@@ -25,8 +34,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +44,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import cpu  # noqa: E402
 from bench.bench_env import bench_secrets  # noqa: E402
 from bench.cpu import CLOCK_TICKS_PER_S  # noqa: E402
 from bench.ledger import bench_database, libpq_url  # noqa: E402
@@ -49,6 +59,7 @@ SECONDS_MAX = 30
 RATE_MAX = 500
 JSON = {"Content-Type": "application/json"}
 BASELINE_APP = "tollgate-bench-baseline"  # the baseline's PostgreSQL application_name
+OPEN_LOOP_CONNECTIONS = 32  # the generator's pool (each carries one request at a time)
 WORKER_QUEUES = "gpu.txt2img,gpu.post,tollgate.maintenance,tollgate.callbacks,celery"
 
 
@@ -132,39 +143,130 @@ class Server:
     baseline: bool
 
 
-def open_loop(url: str, api_key: str, rate: float, seconds: float) -> list[float]:
-    """POST at a fixed rate whatever the answers' timing; the latencies of the 202s."""
+def request_bytes(host: str, port: int, api_key: str) -> bytes:
+    """One `POST /v1/jobs` as sent on a keep-alive HTTP/1.1 connection (built once)."""
+    body = BODY.encode()
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _answer(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 answer with a Content-Length body; its status code."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length:
+        await reader.readexactly(length)
+    return int(lines[0].split()[1])
+
+
+async def _open_loop(
+    host: str, port: int, api_key: str, rate: float, seconds: float, connections: int
+) -> tuple[list[float], list[int]]:
+    request = request_bytes(host, port, api_key)
+    free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for _ in range(connections):
+        free.put_nowait(await asyncio.open_connection(host, port))
     latencies: list[float] = []
     failures: list[int] = []
-    lock = threading.Lock()
+    loop = asyncio.get_running_loop()
 
-    def one(client: httpx.Client) -> None:
-        t0 = time.perf_counter()
-        r = client.post("/v1/jobs", content=BODY, headers={"Content-Type": "application/json"})
-        elapsed = time.perf_counter() - t0
-        with lock:
-            (latencies.append(elapsed) if r.status_code == 202 else failures.append(r.status_code))
+    async def one(scheduled: float) -> None:
+        reader, writer = await free.get()  # a busy pool delays the send: it counts
+        try:
+            writer.write(request)
+            code = await _answer(reader)
+        finally:
+            free.put_nowait((reader, writer))
+        # From the request's scheduled send time: time waiting for a connection counts.
+        (latencies.append(loop.time() - scheduled) if code == 202 else failures.append(code))
 
-    threads = []
-    with httpx.Client(
-        base_url=url,
-        headers={"Authorization": f"Bearer {api_key}"},
-        timeout=30,
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-    ) as client:
-        start = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            t = threading.Thread(target=one, args=(client,))
-            t.start()
-            threads.append(t)
-        for t in threads:
-            t.join(timeout=60)
+    tasks = []
+    start = loop.time() + 0.05
+    for i in range(int(rate * seconds)):
+        scheduled = start + i / rate
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(scheduled)))
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    while not free.empty():
+        free.get_nowait()[1].close()
+    return latencies, failures
+
+
+@dataclass(frozen=True)
+class Latency:
+    accepted: int
+    p50_ms: float
+    p99_ms: float
+    client_cpu_ms: float  # the generator's own CPU per request
+
+
+def open_loop(
+    url: str, api_key: str, rate: float, seconds: float, connections: int = OPEN_LOOP_CONNECTIONS
+) -> Latency:
+    """POST at a fixed rate whatever the answers' timing (open loop): asyncio over a bounded
+    pool of keep-alive connections, the request's bytes built once, each latency measured
+    from the request's scheduled send time (so queueing, in the server or for a free
+    connection, counts). Raises if any answer was not 202."""
+    host, port = url.removeprefix("http://").split(":")
+    cpu0 = time.process_time()
+    latencies, failures = asyncio.run(
+        _open_loop(host, int(port), api_key, rate, seconds, connections)
+    )
+    cpu = time.process_time() - cpu0
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed: {sorted(set(failures))}")
-    return latencies
+    q = statistics.quantiles(latencies, n=100)
+    return Latency(len(latencies), q[49] * 1000, q[98] * 1000, 1000 * cpu / len(latencies))
+
+
+def backend_cpu(db_url: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend of the bench database (both servers',
+    the worker's)."""
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        pids = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        ).fetchall()
+    return {pid: cpu_s(pid) for (pid,) in pids}
+
+
+def phase_ms(
+    before: Counter[str], pg_before: dict[int, float], scope: cpu.Scope, db_url: str, n: int
+) -> dict[str, float]:
+    """CPU ms per request of each process group, and of the database's backends."""
+    ms = cpu.per_job_ms(before, cpu.snapshot(scope), n)
+    pg_s = sum(s - pg_before.get(pid, 0.0) for pid, s in backend_cpu(db_url).items())
+    ms["postgres backends"] = 1000 * pg_s / n
+    return dict(sorted(ms.items(), key=lambda kv: -kv[1]))
+
+
+def wait_started(log: Path, processes: int, timeout_s: float = 120.0) -> None:
+    """Until each of uvicorn's worker processes has logged its startup."""
+    deadline = time.monotonic() + timeout_s
+    while log.read_bytes().count(b"Application startup complete") < processes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log}: {processes} processes never started")
+        time.sleep(0.2)
+
+
+def _stack() -> str:
+    """What uvicorn picks here (`loop="auto"`, `http="auto"`) for both servers."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"uvicorn with {loop} + {http} (both servers)"
 
 
 def main() -> None:
@@ -178,6 +280,12 @@ def main() -> None:
         "--profile",
         type=Path,
         help="write py-spy collapsed stacks (GIL holder only) of the POST run here",
+    )
+    parser.add_argument(
+        "--p99-workers",
+        type=int,
+        default=2,
+        help="also measure the open-loop p99 with `tollgate api --workers N` (0: skip)",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -307,7 +415,43 @@ def main() -> None:
                 logs / "worker.log",
             )
             time.sleep(5)  # the worker drains the backlog the capacity runs left
-            lat = open_loop(ours_url, new.api_key, rate, min(args.rate_seconds, SECONDS_MAX))
+            rate_s = min(args.rate_seconds, SECONDS_MAX)
+            # This process's tree by group; the bench database's backends per pid (a group's
+            # sum would lose a backend that closes during the run, and what it had spent).
+            scope = cpu.Scope(os.getpid())
+            before, pg_before = cpu.snapshot(scope), backend_cpu(db_url)
+            lat = open_loop(ours_url, new.api_key, rate, rate_s)
+            spent = {
+                "one process": phase_ms(before, pg_before, scope, db_url, lat.accepted),
+            }
+            lat_multi = None
+            multi_error = ""
+            if args.p99_workers > 1:  # the same, with N API processes on one port
+                try:
+                    servers[0].terminate()
+                    servers[0].wait(timeout=30)
+                    multi_port = free_port()
+                    multi_url = f"http://127.0.0.1:{multi_port}"
+                    servers.append(
+                        spawn(
+                            [
+                                *(sys.executable, "-m", "orchestrator", "api"),
+                                *("--port", str(multi_port), "--workers", str(args.p99_workers)),
+                            ],
+                            env,
+                            logs / "api-workers.log",
+                        )
+                    )
+                    wait_started(logs / "api-workers.log", args.p99_workers)
+                    open_loop(multi_url, new.api_key, rate, 2)  # warm each process's pool
+                    time.sleep(3)
+                    before, pg_before = cpu.snapshot(scope), backend_cpu(db_url)
+                    lat_multi = open_loop(multi_url, new.api_key, rate, rate_s)
+                    spent[f"--workers {args.p99_workers}"] = phase_ms(
+                        before, pg_before, scope, db_url, lat_multi.accepted
+                    )
+                except Exception as exc:  # keep the figures measured so far
+                    multi_error = f"--workers {args.p99_workers}: {exc!r}"
         finally:
             for p in [*servers, *([worker] if worker else [])]:
                 p.terminate()
@@ -317,7 +461,6 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     p.kill()
             engine.dispose()
-    q = statistics.quantiles(lat, n=100)
     print(f"one uvicorn process each; wrk {connections} connections x {seconds}s; logs {logs}")
     print(f"{'measure':<44}{'tollgate':>10}{'baseline':>10}{'ratio':>8}  target")
     for name, ours_run, base_run in (
@@ -338,10 +481,26 @@ def main() -> None:
                 f"{'  ' + what:<44}{ours_ms:>10.2f}{base_ms:>10.2f}"
                 f"{(base_ms / ours_ms if ours_ms else 0):>8.2f}"
             )
-    p99_ms = q[98] * 1000
+    runs = [("one process", lat)]
+    if lat_multi is not None:
+        runs.append((f"--workers {args.p99_workers}", lat_multi))
+    for label, one in runs:
+        print(
+            f"POST /v1/jobs at {rate:g}/s, worker busy, {label}: {one.accepted} accepted,"
+            f" p50 {one.p50_ms:.1f} ms, p99 {one.p99_ms:.1f} ms"
+            f"  (target p99 <= 25 ms: {'MET' if one.p99_ms <= 25 else 'NOT MET'});"
+            f" generator CPU {one.client_cpu_ms:.2f} ms/request"
+        )
+        print(f"  CPU ms per request by process group: {cpu.describe(spent[label])}")
     print(
-        f"POST /v1/jobs at {rate:g}/s, worker busy: {len(lat)} accepted, p50 {q[49] * 1000:.1f} ms,"
-        f" p99 {p99_ms:.1f} ms  (target p99 <= 25 ms: {'MET' if p99_ms <= 25 else 'NOT MET'})"
+        "  (api: `tollgate api`'s parent process; other: its uvicorn worker processes with"
+        " --workers, and the idle baseline server)"
+    )
+    if multi_error:
+        print(f"not measured: {multi_error}")
+    print(
+        f"server stack: {_stack()}; open-loop generator: asyncio, {OPEN_LOOP_CONNECTIONS}"
+        " keep-alive connections, latency from each request's scheduled send time"
     )
     print(f"(the machine has {os.cpu_count()} cores; servers, worker, wrk, PostgreSQL share them)")
 

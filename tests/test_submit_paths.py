@@ -1,14 +1,16 @@
 """Submit's two paths give the same effects: PostgreSQL's one statement (hold, job row,
-event row, alert lookup: orchestrator.jobs.submission_pg) and the statement-by-statement
-Python path SQLite runs. Same hold, entries, balances, job row, outbox rows, answer and
-402; the ledger verifies clean on both."""
+event row, alert lookup, queue entry and flow upsert: orchestrator.jobs.submission_pg) and
+the statement-by-statement Python path SQLite runs (scheduler.enqueue included). Same
+hold, entries, balances, job row, outbox rows, queue entries, flows, answer and 402; the
+ledger verifies clean on both."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy import Connection, Engine, delete, insert, select, text, update
 
 from billing.db import run_transaction
 from billing.tables import entries, holds
@@ -18,8 +20,8 @@ from orchestrator.jobs.records import view
 from orchestrator.scheduling import scheduler
 from orchestrator.settlement import alerts
 from orchestrator.storage import Storage
+from orchestrator.tables import account_limits, dispatch_queue, outbox, sched_flows, sched_queues
 from orchestrator.tables import jobs as jobs_table
-from orchestrator.tables import outbox
 from tests.ledger_helpers import grant, new_account
 
 SPEC = {"type": "txt2img", "prompt": "paths", "steps": 20, "num_images": 3, "seed": 7}
@@ -180,3 +182,98 @@ def test_one_statement_stores_what_the_python_path_stores(
     assert events[0] == events[1]
     for job_id in (fast, slow):
         jobs.cancel(pg_engine, account, job_id)
+
+
+QUEUE = "gpu.txt2img"
+
+
+def _line(conn: Connection, account: str) -> dict[str, Any]:
+    """The account's flow on QUEUE and its queue entries, without ids."""
+    flow = conn.execute(
+        select(sched_flows).where(sched_flows.c.queue == QUEUE, sched_flows.c.account_id == account)
+    ).one()
+    entries_ = conn.execute(
+        select(dispatch_queue)
+        .where(dispatch_queue.c.account_id == account)
+        .order_by(dispatch_queue.c.id)
+    ).all()
+    return {
+        "flow": {k: v for k, v in flow._asdict().items() if k != "account_id"},
+        "entries": [
+            {k: v for k, v in e._asdict().items() if k not in ("id", "job_id", "account_id")}
+            for e in entries_
+        ],
+    }
+
+
+def _enqueue_steps(engine: Engine, storage: Storage, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """A new flow, a job joining a backlogged flow, then (both canceled) a new backlog period
+    that re-reads an operator's cap override and enters at the flow's finish tag (> V)."""
+    account = new_account(engine, "standard")
+    grant(engine, account, 50)
+    t0 = datetime(2026, 12, 2, 12, 0, 0, 123456, tzinfo=UTC)
+    monkeypatch.setattr(jobs, "utcnow", lambda: t0)
+    seen = []
+
+    def snapshot() -> None:
+        seen.append(run_transaction(engine, lambda c: _line(c, account)))
+
+    first = jobs.submit(engine, storage, account, dict(SPEC)).job["id"]  # creates the flow
+    snapshot()
+    monkeypatch.setattr(jobs, "utcnow", lambda: t0 + timedelta(seconds=1.5))
+    second = jobs.submit(engine, storage, account, dict(SPEC)).job["id"]  # already eligible
+    snapshot()
+    for job_id in (first, second):
+        jobs.cancel(engine, account, job_id)
+    snapshot()
+
+    def override(conn: Connection) -> None:  # as an operator leaves it, the flow untouched
+        conn.execute(
+            insert(account_limits).values(account_id=account, running_cap=3, updated_at=t0)
+        )
+        conn.execute(
+            update(sched_flows)
+            .where(sched_flows.c.queue == QUEUE, sched_flows.c.account_id == account)
+            .values(finish_tag=7.25)
+        )
+
+    run_transaction(engine, override)
+    monkeypatch.setattr(jobs, "utcnow", lambda: t0 + timedelta(seconds=4.25))
+    third = jobs.submit(engine, storage, account, dict(SPEC)).job["id"]  # a new period
+    snapshot()
+    jobs.cancel(engine, account, third)
+    return seen
+
+
+def test_enqueue_stores_alike(
+    pg_engine: Engine, sqlite_engine: Engine, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = []
+    for engine in (pg_engine, sqlite_engine):
+        before = run_transaction(
+            engine,
+            lambda c: (
+                c.execute(select(sched_queues.c.vtime).where(sched_queues.c.queue == QUEUE))
+                .scalars()
+                .first()
+            ),
+        )
+
+        def set_vtime(conn: Connection, vtime: float | None) -> None:
+            conn.execute(delete(sched_queues).where(sched_queues.c.queue == QUEUE))
+            if vtime is not None:
+                conn.execute(insert(sched_queues).values(queue=QUEUE, vtime=vtime))
+
+        run_transaction(engine, lambda c: set_vtime(c, 3.5))  # the same V on both
+        try:
+            results.append(_enqueue_steps(engine, storage, monkeypatch))
+        finally:
+            run_transaction(engine, lambda c, v=before: set_vtime(c, v))
+    pg, lite = results
+    assert pg == lite
+    first, joined, left, period = (r["flow"] for r in pg)
+    assert (first["queued"], first["head_tag"], first["eligible"]) == (1, 3.5, True)
+    assert (joined["queued"], joined["head_since_s"]) == (2, first["head_since_s"])
+    assert (left["queued"], pg[2]["entries"]) == (0, [])
+    assert (period["cap"], period["head_tag"]) == (3, 7.25)
+    assert [e["state"] for e in pg[1]["entries"]] == ["queued", "queued"]

@@ -58,14 +58,16 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers=AUTH_HEADERS)
 
 
-async def current_account(request: Request, credentials: Credentials, engine: EngineDep) -> str:
+async def current_account(request: Request, credentials: Credentials) -> str:
     """The account id of the caller's API key (401 without one or with a bad one). A key in
-    the cache is answered on the event loop; a lookup runs in the thread pool."""
+    the cache is answered on the event loop; a lookup runs in the thread pool. (The engine
+    is read only on a miss, not through a dependency: every authenticated request runs this.)"""
     if credentials is None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <api key>'")
     cache: KeyCache | None = getattr(request.app.state, "key_cache", None)
     account_id = cache.get(hash_api_key(credentials.credentials)) if cache else None
     if account_id is None:
+        engine = db.get_engine()
         account_id = await run_in_threadpool(authenticate, engine, credentials.credentials, cache)
     if account_id is None:
         raise _unauthorized("invalid or revoked API key")

@@ -26,6 +26,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.execution import leases
 from orchestrator.jobs import kinds, specs, states, submission_pg, webhooks
 from orchestrator.jobs.deadlines import deadline_s, hold_ttl_s
+from orchestrator.jobs.families import family_for
 from orchestrator.jobs.images import decode_b64, image_key, store_image
 from orchestrator.jobs.records import (
     JobNotFound,
@@ -251,9 +252,19 @@ def submit(
         )
         ttl_s = hold_ttl_s(spec_)
         ledger.check_hold(price.credit_kind, price.credits, ttl_s, job_id)
-        if on_postgresql(conn):  # one statement: hold, job row, event row, alert lookup
+        task = spec_["type"]
+        # The job waits for a worker slot, in fair order (the dispatcher sends its task).
+        # PostgreSQL: one statement holds, inserts the job and its event row, looks the alert
+        # up and (unless the family writes its own rows after the hold) enqueues the job.
+        enqueued = on_postgresql(conn) and kind.after_hold is None
+        if on_postgresql(conn):
             row, has_alert = submission_pg.insert_and_hold(
-                conn, values, ttl_s, _queued_event(values), now
+                conn,
+                values,
+                ttl_s,
+                _queued_event(values),
+                now,
+                enqueue=(task, family_for(task).queue) if enqueued else None,
             )
         else:
             row = _insert_and_hold_py(conn, values, ttl_s, now)
@@ -262,8 +273,8 @@ def submit(
             alerts.check(conn, account_id, price.credit_kind, now, job_id)
         if kind.after_hold is not None:
             kind.after_hold(conn, storage, job_id, account_id, spec_, now)
-        # The job waits for a worker slot, in fair order (the dispatcher sends its task).
-        scheduler.enqueue(conn, job_id, spec_["type"], account_id, now, new=True)
+        if not enqueued:
+            scheduler.enqueue(conn, job_id, task, account_id, now, new=True)
         return row
 
     try:
