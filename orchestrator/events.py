@@ -11,6 +11,6 @@ EVENTS_STREAM: Final = "tollgate:events"
 EVENTS_MAXLEN: Final = 100_000
 
 
-def append_event(client: redis.Redis, payload: dict[str, Any]) -> None:
+def append_event(client: redis.Redis | redis.client.Pipeline, payload: dict[str, Any]) -> None:
     fields = {k: "" if v is None else str(v) for k, v in payload.items()}
     client.xadd(EVENTS_STREAM, fields, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]

@@ -39,6 +39,24 @@ PG_MARK_SQL: Final = (
 Publisher = Callable[[str, dict[str, Any]], None]
 
 
+def publish_rows(publish: Publisher, rows: Sequence[Any]) -> list[Any]:
+    """Publish outbox `rows` in order; the ones sent before the first failure (logged: the
+    rest stay unpublished for the re-publisher). A publisher with `many` (dispatch.Publisher)
+    sends consecutive events in one round trip."""
+    many = getattr(publish, "many", None)
+    if many is not None:
+        return list(rows[: many([(r.topic, r.payload) for r in rows])])
+    sent = []
+    for row in rows:
+        try:
+            publish(row.topic, row.payload)
+        except Exception:
+            log.warning("outbox publish failed; the re-publisher will send it", exc_info=True)
+            break
+        sent.append(row)
+    return sent
+
+
 INSERT_MESSAGE: Final = insert(outbox)  # built once: every submit writes one
 
 
@@ -92,10 +110,10 @@ def relay(
         # Losing these marks to a crash only means publishing the messages again.
         commit_without_flush_wait(conn)
         now = utcnow()
-        for row in rows:
-            publish(row.topic, row.payload)
-        mark_sent(conn, rows, now)
-        return len(rows)
+        sent = publish_rows(publish, rows)
+        if sent:
+            mark_sent(conn, sent, now)
+        return len(sent)
 
     return run_transaction(engine, work)
 
@@ -118,12 +136,10 @@ def mark_sent(conn: Connection, rows: Sequence[Any], now: datetime) -> None:
 def _relay_pg(conn: Connection, publish: Publisher, job_ids: list[str], limit: int) -> int:
     """`relay` for some jobs' messages on PostgreSQL: two statements."""
     rows = conn.exec_driver_sql(PG_PICK_SQL, {"jobs": list(job_ids), "limit": limit}).all()
-    if not rows:
-        return 0
-    for row in rows:
-        publish(row.topic, row.payload)
-    mark_sent_pg(conn, rows, utcnow())
-    return len(rows)
+    sent = publish_rows(publish, rows)
+    if sent:
+        mark_sent_pg(conn, sent, utcnow())
+    return len(sent)
 
 
 def mark_sent_pg(conn: Connection, rows: Sequence[Any], now: datetime) -> None:

@@ -404,14 +404,7 @@ def _relay_in(conn: Connection, publish: Publish, job_ids: list[str]) -> bool:
             .limit(RELAY_BATCH_MAX)
             .with_for_update(skip_locked=True)
         ).all()
-    sent = []
-    for row in rows:
-        try:
-            publish(row.topic, row.payload)
-        except Exception:
-            log.warning("outbox fast path failed; the re-publisher will retry", exc_info=True)
-            break
-        sent.append(row)
+    sent = outbox_relay.publish_rows(publish, rows)
     if not sent:
         return False
     if pg:  # (it also lets the COMMIT skip the WAL flush wait)
