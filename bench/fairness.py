@@ -377,7 +377,8 @@ def main() -> None:
         drop = 1 - here / base
         lines.append(
             f"cost: lifecycle ratio {here:.2f} here vs {base:.2f} baseline "
-            f"({drop * 100:+.0f}% drop; target <= 10%) {'MET' if drop <= 0.10 else 'NOT MET'}"
+            f"(change {-drop * 100:+.0f}%; target: a drop of at most 10%) "
+            f"{'MET' if drop <= 0.10 else 'NOT MET'}"
         )
         print(lines[-1], flush=True)
     print(f"(shared {os.cpu_count()}-core machine; logs in {logs})")
