@@ -82,3 +82,25 @@ def test_a_failed_pass_keeps_the_thread_and_a_full_queue_counts_what_it_drops(
     nudger.stop()
     nudger.poke(ids[0])  # after stop: ignored
     assert nudger.passes == 2
+
+
+def test_a_relay_only_poke_waits_one_interval_and_joins_a_dispatch_pass() -> None:
+    passes: list[tuple[str, list[str]]] = []
+    done = threading.Event()
+
+    def nudge(_e: Any, _p: Any, ids: list[str]) -> None:
+        passes.append(("dispatch", list(ids)))
+
+    def relay(_e: Any, _p: Any, ids: list[str]) -> None:
+        passes.append(("relay", list(ids)))
+        done.set()
+
+    nudger = Nudger(lambda: None, lambda: None, nudge=nudge, relay=relay, pass_interval_s=0.5)
+    nudger.relay("job_start")  # a job began: its `running` event waits for company
+    nudger.poke("job_start")  # it ended within the interval: one pass does both
+    assert nudger.flush(10)
+    assert passes == [("dispatch", ["job_start"])]
+    nudger.relay("job_long")  # a long job: relayed alone, an interval later
+    assert done.wait(10) and nudger.flush(10)
+    assert passes[1:] == [("relay", ["job_long"])]
+    nudger.stop()

@@ -20,6 +20,7 @@ from typing import Any, Final
 from sqlalchemy import Engine
 
 from orchestrator.scheduling import scheduler
+from orchestrator.scheduling.outbox import relay_quietly
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ PASS_INTERVAL_S: Final = 0.02
 STOP_TIMEOUT_S: Final = 10.0
 
 Nudge = Callable[[Engine, Any, list[str]], Any]
+Relay = Callable[[Engine, Any, list[str]], Any]
 
 
 class Nudger:
@@ -43,6 +45,7 @@ class Nudger:
         publish: Callable[[], Any],
         *,
         nudge: Nudge = scheduler.nudge,
+        relay: Relay = relay_quietly,
         pending_max: int = PENDING_MAX,
         pass_ids_max: int = PASS_IDS_MAX,
         pass_interval_s: float = PASS_INTERVAL_S,
@@ -50,6 +53,7 @@ class Nudger:
         self._engine = engine
         self._publish = publish
         self._nudge = nudge
+        self._relay = relay
         self.pending_max = max(1, pending_max)
         self.pass_ids_max = max(1, pass_ids_max)
         self.pass_interval_s = max(0.0, pass_interval_s)
@@ -59,6 +63,8 @@ class Nudger:
         self._wake = threading.Condition(self._lock)
         self._busy = False
         self._wanted = False  # a pass is asked for (with ids or not)
+        self._dispatch = False  # ... and it is to dispatch (not only relay)
+        self._lazy_since: float | None = None  # the first relay-only poke waiting
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -67,6 +73,15 @@ class Nudger:
 
     def poke(self, job_ids: str | Iterable[str] = ()) -> None:
         """Ask for a pass covering `job_ids` (and a dispatch pass in any case)."""
+        self._ask(job_ids, dispatch=True)
+
+    def relay(self, job_ids: str | Iterable[str]) -> None:
+        """Ask for `job_ids`' outbox rows to be relayed, without a dispatch pass of its own:
+        it waits up to one pass interval, so a job's end that follows its start within it
+        (a short job) shares one pass, with one relay transaction for both."""
+        self._ask(job_ids, dispatch=False)
+
+    def _ask(self, job_ids: str | Iterable[str], *, dispatch: bool) -> None:
         ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
         with self._lock:
             if self._stopping:
@@ -77,6 +92,10 @@ class Nudger:
                 else:
                     self.dropped += 1
             self._wanted = True
+            if dispatch:
+                self._dispatch = True
+            elif self._lazy_since is None:
+                self._lazy_since = time.monotonic()
             self._ensure_thread()
             self._wake.notify_all()  # not notify(): a flush() may be waiting on it too
 
@@ -88,8 +107,9 @@ class Nudger:
         self._thread = threading.Thread(target=self._run, name="tollgate-nudger", daemon=True)
         self._thread.start()
 
-    def _next(self) -> list[str] | None:
-        """Wait for work; the ids of the next pass, or None to stop."""
+    def _next(self) -> tuple[list[str], bool] | None:
+        """Wait for work; the ids of the next pass and whether it dispatches, or None to
+        stop."""
         with self._lock:
             self._busy = False
             self._wake.notify_all()
@@ -99,7 +119,10 @@ class Nudger:
                 return None
             # Let the pokes of the next few ms join this pass (a stop does not wait).
             while not self._stopping:
-                left = self._last_pass_at + self.pass_interval_s - time.monotonic()
+                start_at = self._last_pass_at
+                if not self._dispatch and self._lazy_since is not None:
+                    start_at = max(start_at, self._lazy_since)  # a relay waits for company
+                left = start_at + self.pass_interval_s - time.monotonic()
                 if left <= 0:
                     break
                 self._wake.wait(left)
@@ -107,14 +130,21 @@ class Nudger:
             ids = list(self._pending)[: self.pass_ids_max]
             for job_id in ids:
                 del self._pending[job_id]
+            dispatch = self._dispatch
             self._wanted = bool(self._pending)
+            self._dispatch = False
+            self._lazy_since = self._last_pass_at if self._pending else None
             self._busy = True
-            return ids
+            return ids, dispatch
 
     def _run(self) -> None:
-        while (ids := self._next()) is not None:
+        while (work := self._next()) is not None:
+            ids, dispatch = work
             try:
-                self._nudge(self._engine(), self._publish(), ids)
+                if dispatch:
+                    self._nudge(self._engine(), self._publish(), ids)
+                else:
+                    self._relay(self._engine(), self._publish(), ids)
             except Exception:  # nudge logs its own failures; this is a last guard
                 log.warning("nudge pass failed; beat will dispatch and relay", exc_info=True)
             self.passes += 1
