@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     # The periodic dispatcher (beat) and the most jobs one call dispatches per queue.
     dispatch_interval_s: float = Field(default=1.0, ge=0.1, le=60)
     dispatch_batch_max: int = Field(default=200, ge=1, le=10_000)
+    # A job dispatched this long ago that no worker has begun gets its task sent again
+    # (its delivery was lost, e.g. Redis died as a worker took it); a duplicate of a task
+    # still waiting in its Celery queue is skipped by the worker that finds the job begun.
+    dispatch_resend_after_s: float = Field(default=120.0, ge=5, le=86_400)
     # API-key lookups are cached per API process for this long (0: no cache), at most
     # `api_key_cache_max` keys: a key revoked in the database stops working within the TTL.
     api_key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)

@@ -9,17 +9,22 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+import redis as redis_lib
+from sqlalchemy import Engine, update
 
 from billing import ledger
+from billing.clock import utcnow
 from billing.db import run_transaction
 from billing.verify import verify
 from orchestrator.jobs import service as jobs
+from orchestrator.scheduling import scheduler
 from orchestrator.scheduling.dispatch import Publisher
 from orchestrator.scheduling.outbox import relay
 from orchestrator.scheduling.scheduler import nudge
+from orchestrator.settings import get_settings
 from orchestrator.settlement.reaper import reap
 from orchestrator.storage import Storage
+from orchestrator.tables import outbox
 from tests.ledger_helpers import grant, new_account
 from tests.lifecycle_helpers import available, results, row, submit, wait_terminal, wait_until
 from tests.support.services import celery_worker, kill, wait_for_pid
@@ -183,6 +188,27 @@ def test_unpublished_job_is_dispatched_by_the_periodic_dispatcher(
     assert (done.status, done.charged) == ("succeeded", 1)
     b = run_transaction(ctx.engine, lambda c: ledger.get_balance(c, account, "image"))
     assert (b.held, b.available) == (0, 19)
+
+
+def test_a_lost_delivery_is_sent_again_once_stale_and_charged_once(
+    ctx: Any, account: str, redis_url: str
+) -> None:
+    job_id = ctx.submit(account, txt2img(), publish=False)
+    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    assert job_id in scheduler.dispatch_once(ctx.engine, client)  # dispatched, task unsent
+    run_transaction(  # ... then "sent" and lost (Redis died as a worker took it)
+        ctx.engine,
+        lambda c: c.execute(
+            update(outbox).where(outbox.c.job_id == job_id).values(published_at=utcnow())
+        ),
+    )
+    publish = Publisher(redis_url)
+    assert scheduler.resend_stale(ctx.engine, publish) == []  # not stale yet
+    later = utcnow() + timedelta(seconds=get_settings().dispatch_resend_after_s + 1)
+    assert scheduler.resend_stale(ctx.engine, publish, now=later) == [job_id]
+    done = wait_terminal(ctx.engine, job_id)
+    assert (done.status, done.charged) == ("succeeded", 1)
+    assert scheduler.resend_stale(ctx.engine, publish, now=later + timedelta(hours=1)) == []
 
 
 class _Receiver:

@@ -19,7 +19,7 @@ from orchestrator.faults import dependency_of, process_scope
 from orchestrator.payments.purchases import lapse_due
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.outbox import relay, relay_quietly
-from orchestrator.scheduling.scheduler import nudge
+from orchestrator.scheduling.scheduler import nudge, resend_stale
 from orchestrator.settlement.lease_sweep import sweep
 from orchestrator.settlement.output_retention import sweep_outputs
 from orchestrator.settlement.reaper import reap
@@ -74,9 +74,16 @@ def leases_task() -> dict[str, int]:
 
 @app.task(name="tollgate.republish", send_events=False)
 def republish_task() -> int:
-    return _tolerant(
-        "republish", lambda: relay(get_engine(), get_publisher(), min_age_s=REPUBLISH_MIN_AGE_S), 0
-    )
+    """Unpublished outbox rows older than REPUBLISH_MIN_AGE_S, then the tasks of jobs
+    dispatched long ago that no worker began (scheduler.resend_stale)."""
+
+    def work() -> int:
+        engine, publisher = get_engine(), get_publisher()
+        return relay(engine, publisher, min_age_s=REPUBLISH_MIN_AGE_S) + len(
+            resend_stale(engine, publisher)
+        )
+
+    return _tolerant("republish", work, 0)
 
 
 @app.task(name="tollgate.tunes", send_events=False)

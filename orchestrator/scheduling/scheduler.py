@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache, partial
 from typing import Any, Final
 
@@ -86,6 +86,7 @@ __all__ = [
     "taken",
     "dispatch_once",
     "nudge",
+    "resend_stale",
 ]
 
 Publish = Callable[[str, dict[str, Any]], None]
@@ -473,6 +474,58 @@ def _dispatch_all(
         except Exception:  # a metric only
             log.warning("queue wait histogram not recorded", exc_info=True)
     return out, relayed
+
+
+RESEND_BATCH_MAX: Final = 100
+
+
+def resend_stale(
+    engine: Engine,
+    publish: Publish,
+    now: datetime | None = None,
+    limit: int = RESEND_BATCH_MAX,
+) -> list[str]:
+    """Send again the tasks of up to `limit` jobs dispatched over `dispatch_resend_after_s`
+    ago that no worker has begun (still `dispatched`): a delivery lost between the broker
+    and a worker (a Redis restart as it was taken) would otherwise wait for the broker's
+    visibility timeout (hours) or the job's deadline. At least once, as every dispatch: a
+    worker that gets a duplicate finds the job begun and leaves it. Each resent entry's
+    `dispatched_at` is moved to now, so a job waiting behind a long one in its Celery queue
+    gets one duplicate per interval, not one per sweep. Beat's re-publisher runs it."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=get_settings().dispatch_resend_after_s)
+
+    def work(conn: Connection) -> list[str]:
+        rows: list[Any] = list(
+            conn.execute(
+                select(dispatch_queue.c.id, dispatch_queue.c.job_id, dispatch_queue.c.task)
+                .join(jobs, jobs.c.id == dispatch_queue.c.job_id)
+                .where(
+                    dispatch_queue.c.queue.in_(sorted(FAMILY_QUEUES)),
+                    dispatch_queue.c.state == DISPATCHED,
+                    dispatch_queue.c.dispatched_at <= cutoff,
+                    jobs.c.status == DISPATCHED,
+                )
+                .order_by(dispatch_queue.c.dispatched_at)
+                .limit(limit)
+                .with_for_update(of=dispatch_queue, skip_locked=True)
+            ).all()
+        )
+        sent = _publish(publish, rows, None)
+        if not sent:
+            return []
+        conn.execute(
+            update(dispatch_queue)
+            .where(dispatch_queue.c.id.in_([r.id for r in rows if r.job_id in sent]))
+            .values(dispatched_at=now)
+        )
+        commit_without_flush_wait(conn)  # losing it only means sending once more
+        return [r.job_id for r in rows if r.job_id in sent]
+
+    resent = run_transaction(engine, work)
+    if resent:
+        log.warning("dispatch resent for %d jobs no worker began: %s", len(resent), resent[:10])
+    return resent
 
 
 @lru_cache(maxsize=4)
