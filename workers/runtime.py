@@ -21,7 +21,6 @@ from orchestrator.execution.protocol import JOB_PHASE, Phase, Runner, execute
 from orchestrator.faults import dependency_of
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.nudger import Nudger
-from orchestrator.scheduling.outbox import relay_quietly
 from orchestrator.scheduling.slots import record_run
 from orchestrator.storage import get_storage
 
@@ -106,7 +105,9 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
             lambda ctx: runner_for(job_type)(ctx),
             on_progress,
             phase,
-            on_started=lambda: relay_quietly(engine, publisher, job_id),
+            # The `running` event (and a `started` webhook) goes out on this process's
+            # nudger thread within one pass interval: a short job's end shares that pass.
+            on_started=lambda: post_job_nudger().relay(job_id),
         )
     except Exception as exc:
         dependency = dependency_of(exc)
