@@ -11,7 +11,7 @@ from sqlalchemy import Engine, event, select, update
 
 from billing.clock import utcnow
 from orchestrator.jobs import service as jobs
-from orchestrator.scheduling import flows, scheduler
+from orchestrator.scheduling import dispatch_writes, flows
 from orchestrator.scheduling.decision import apply_plan, lock_queues, plan_queue
 from orchestrator.scheduling.scheduler import release, release_in_steps, taken
 from orchestrator.storage import Storage
@@ -121,15 +121,17 @@ def test_the_fixed_dispatch_write_matches_the_step_by_step_path(
         assert len(taken_rows) == 4 and len(writes) >= 2  # (and any earlier test's flow)
         for published in (False, True):
             reference = conn.begin_nested()
-            scheduler._write_in_steps(conn, now, taken_rows, writes, vtimes, published=published)
+            dispatch_writes.write_in_steps(
+                conn, now, taken_rows, writes, vtimes, published=published
+            )
             expected = snapshot(conn)
             reference.rollback()
             fixed = conn.begin_nested()
             conn.exec_driver_sql(
-                scheduler.DISPATCH_WRITE_RELAXED_SQL if published else scheduler.DISPATCH_WRITE_SQL,
-                scheduler._write_params(now, taken_rows, writes, vtimes, published=published),
+                dispatch_writes.WRITE_RELAXED_SQL if published else dispatch_writes.WRITE_SQL,
+                dispatch_writes.write_params(now, taken_rows, writes, vtimes, published=published),
             )
             assert snapshot(conn) == expected
             fixed.rollback()
         conn.rollback()
-    assert len(scheduler.DISPATCH_WRITE_RELAXED_SQL) < 4096  # within psycopg's parse cache
+    assert len(dispatch_writes.WRITE_RELAXED_SQL) < 4096  # within psycopg's parse cache

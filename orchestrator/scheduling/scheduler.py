@@ -32,12 +32,11 @@ waits beyond those ends.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache, partial
 from typing import Any, Final
 
@@ -55,7 +54,7 @@ from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.db import commit_without_flush_wait
 from orchestrator.jobs.families import FAMILIES, family_for
-from orchestrator.scheduling import flows, slots
+from orchestrator.scheduling import dispatch_writes, flows, slots
 from orchestrator.scheduling import outbox as outbox_relay
 from orchestrator.scheduling.decision import FLOW_WRITE, apply_plan, lock_queues, plan_queue, share
 from orchestrator.scheduling.flows import (
@@ -66,9 +65,8 @@ from orchestrator.scheduling.flows import (
     plan_cap,
     plan_weight,
 )
-from orchestrator.scheduling.outbox import RELAY_BATCH_MAX, mark_sent
 from orchestrator.settings import get_settings
-from orchestrator.tables import dispatch_queue, jobs, outbox, sched_queues
+from orchestrator.tables import dispatch_queue, jobs, outbox
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +217,15 @@ def _dispatch_pool(
     ids = [t.job_id for t in taken_rows]
     if conn.dialect.name == "postgresql":  # every write in one fixed statement
         conn.exec_driver_sql(
-            DISPATCH_WRITE_RELAXED_SQL if publish is not None else DISPATCH_WRITE_SQL,
-            _write_params(now, taken_rows, flow_writes, vtimes, published=publish is not None),
+            dispatch_writes.WRITE_RELAXED_SQL if publish is not None else dispatch_writes.WRITE_SQL,
+            dispatch_writes.write_params(
+                now, taken_rows, flow_writes, vtimes, published=publish is not None
+            ),
         )
     else:
-        _write_in_steps(conn, now, taken_rows, flow_writes, vtimes, published=publish is not None)
+        dispatch_writes.write_in_steps(
+            conn, now, taken_rows, flow_writes, vtimes, published=publish is not None
+        )
     if publish is not None:
         # Sent last, with every row of theirs locked and written: a worker that gets a task
         # before COMMIT waits on its job's row, then finds it `dispatched`.
@@ -246,111 +248,6 @@ def _dispatch_pool(
         for t in taken_rows
     ]
     return Dispatched(ids, waits)
-
-
-# The decision's writes on PostgreSQL: one statement of data-modifying CTEs over arrays,
-# written once (no statement built or compiled per call; psycopg prepares it like any
-# other): the flows' new rows, the queues' virtual times, the entries and jobs marked
-# dispatched, and their outbox rows (in pick order). The relaxed form (the nudge, which
-# publishes in the transaction) also lets the COMMIT skip the WAL flush wait.
-_DISPATCH_WRITE_CTES: Final = (
-    "WITH fw AS (UPDATE sched_flows AS f SET running = w.running, queued = w.queued,"
-    " finish_tag = w.finish_tag, head_tag = w.head_tag, head_since_s = w.head_since_s,"
-    " sort_key = w.sort_key, eligible = w.eligible"
-    " FROM unnest(%(f_queue)s::text[], %(f_account)s::text[], %(f_running)s::int[],"
-    " %(f_queued)s::int[], %(f_finish)s::float8[], %(f_head)s::float8[],"
-    " %(f_since)s::float8[], %(f_key)s::float8[], %(f_eligible)s::bool[])"
-    " AS w(queue, account_id, running, queued, finish_tag, head_tag, head_since_s,"
-    " sort_key, eligible)"
-    " WHERE f.queue = w.queue AND f.account_id = w.account_id),"
-    " vw AS (UPDATE sched_queues AS q SET vtime = w.vtime"
-    " FROM unnest(%(v_queue)s::text[], %(v_time)s::float8[]) AS w(queue, vtime)"
-    " WHERE q.queue = w.queue),"
-    " dq AS (UPDATE dispatch_queue SET state = 'dispatched', dispatched_at = %(now)s"
-    " WHERE id = ANY(%(entries)s::bigint[])),"
-    " jb AS (UPDATE jobs SET status = 'dispatched', updated_at = %(now)s"
-    " WHERE id = ANY(%(jobs)s::text[]) AND status = 'queued'),"
-    " ob AS (INSERT INTO outbox (topic, job_id, payload, created_at, published_at)"
-    " SELECT 'dispatch', m.job_id, m.payload::json, %(now)s, %(published)s::timestamp"
-    " FROM unnest(%(jobs)s::text[], %(payloads)s::text[]) WITH ORDINALITY"
-    " AS m(job_id, payload, n) ORDER BY m.n)"
-)
-DISPATCH_WRITE_SQL: Final = _DISPATCH_WRITE_CTES + " SELECT 1"
-DISPATCH_WRITE_RELAXED_SQL: Final = (
-    _DISPATCH_WRITE_CTES + " SELECT set_config('synchronous_commit', 'off', true)"
-)
-
-
-def _write_params(
-    now: datetime,
-    taken_rows: list[Row[Any]],
-    flow_writes: list[dict[str, Any]],
-    vtimes: list[dict[str, Any]],
-    *,
-    published: bool,
-) -> dict[str, Any]:
-    naive = now.astimezone(UTC).replace(tzinfo=None)  # naive UTC, as the columns store
-    return {
-        "f_queue": [w["b_queue"] for w in flow_writes],
-        "f_account": [w["b_account"] for w in flow_writes],
-        "f_running": [w["b_running"] for w in flow_writes],
-        "f_queued": [w["b_queued"] for w in flow_writes],
-        "f_finish": [float(w["b_finish"]) for w in flow_writes],
-        "f_head": [float(w["b_head"]) for w in flow_writes],
-        "f_since": [float(w["b_since"]) for w in flow_writes],
-        "f_key": [float(w["b_key"]) for w in flow_writes],
-        "f_eligible": [bool(w["b_eligible"]) for w in flow_writes],
-        "v_queue": [v["b_queue"] for v in vtimes],
-        "v_time": [float(v["b_vtime"]) for v in vtimes],
-        "now": naive,
-        "entries": [t.id for t in taken_rows],
-        "jobs": [t.job_id for t in taken_rows],
-        "payloads": [json.dumps({"job_id": t.job_id, "type": t.task}) for t in taken_rows],
-        "published": naive if published else None,
-    }
-
-
-def _write_in_steps(
-    conn: Connection,
-    now: datetime,
-    taken_rows: list[Row[Any]],
-    flow_writes: list[dict[str, Any]],
-    vtimes: list[dict[str, Any]],
-    *,
-    published: bool,
-) -> None:
-    """The decision's writes statement by statement (SQLite)."""
-    if flow_writes:
-        conn.execute(FLOW_WRITE, flow_writes)
-    for v in vtimes:
-        conn.execute(
-            update(sched_queues)
-            .where(sched_queues.c.queue == v["b_queue"])
-            .values(vtime=v["b_vtime"])
-        )
-    conn.execute(
-        update(dispatch_queue)
-        .where(dispatch_queue.c.id.in_([t.id for t in taken_rows]))
-        .values(state=DISPATCHED, dispatched_at=now)
-    )
-    conn.execute(
-        update(jobs)
-        .where(jobs.c.id.in_([t.job_id for t in taken_rows]), jobs.c.status == QUEUED)
-        .values(status=DISPATCHED, updated_at=now)
-    )
-    conn.execute(
-        insert(outbox),
-        [
-            {
-                "topic": "dispatch",
-                "job_id": t.job_id,
-                "payload": {"job_id": t.job_id, "type": t.task},
-                "created_at": now,
-                "published_at": now if published else None,  # un-marked later if unsent
-            }
-            for t in taken_rows
-        ],
-    )
 
 
 def _publish(publish: Publish, entries: list[Row[Any]], sent: set[str] | None) -> set[str]:
@@ -388,33 +285,6 @@ def dispatch_once(
     return _dispatch_all(engine, redis, limit, publish, [])[0]
 
 
-def _relay_in(conn: Connection, publish: Publish, job_ids: list[str]) -> bool:
-    """The outbox relay of `job_ids` (orchestrator.scheduling.outbox.relay), inside the
-    dispatch transaction: one BEGIN/COMMIT for both. A failed publish leaves the rest
-    unpublished for the re-publisher; a rollback only means sending them again. Returns
-    whether it marked any published."""
-    pg = conn.dialect.name == "postgresql"
-    if pg:  # the relay's own fixed statements (no building per call)
-        params = {"jobs": list(job_ids), "limit": RELAY_BATCH_MAX}
-        rows = conn.exec_driver_sql(outbox_relay.PG_PICK_SQL, params).all()
-    else:
-        rows = conn.execute(
-            select(outbox)
-            .where(outbox.c.published_at.is_(None), outbox.c.job_id.in_(job_ids))
-            .order_by(outbox.c.id)
-            .limit(RELAY_BATCH_MAX)
-            .with_for_update(skip_locked=True)
-        ).all()
-    sent = outbox_relay.publish_rows(publish, rows)
-    if not sent:
-        return False
-    if pg:  # (it also lets the COMMIT skip the WAL flush wait)
-        outbox_relay.mark_sent_pg(conn, sent, utcnow())
-    else:
-        mark_sent(conn, sent, utcnow())
-    return True
-
-
 def _pool_transaction(
     conn: Connection,
     pool: slots.Pool,
@@ -425,7 +295,7 @@ def _pool_transaction(
 ) -> Dispatched:
     done = _dispatch_pool(conn, pool=pool, limit=limit, publish=publish, sent=sent)
     if relay_ids and publish is not None:
-        marked = _relay_in(conn, publish, relay_ids)
+        marked = outbox_relay.relay_in(conn, publish, relay_ids) > 0
         if marked and not done.job_ids and conn.dialect.name != "postgresql":
             commit_without_flush_wait(conn)  # published marks: safe to lose
     return done
