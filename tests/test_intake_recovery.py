@@ -1,6 +1,6 @@
 """The intake's failure handling: pending messages of dead consumers are claimed, poison is
-bounded, transient errors are retried (not dead-lettered), an interrupted batch still
-acknowledges what it submitted, and two consumers share work without doubles."""
+bounded, transient errors are retried (not dead-lettered), a batch acknowledges what it
+submitted (each message has its own outcome), and two consumers share work without doubles."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from orchestrator.ingress.intake import Consumer
 from orchestrator.ingress.messages import derived_key
 from orchestrator.ingress.streams import IntakeConfig
 from orchestrator.jobs import service as jobs
-from orchestrator.jobs import states
+from orchestrator.jobs import states, submission_batch
 from orchestrator.storage import Storage
 from tests.intake_fixtures import *  # noqa: F403  (rc, config, consumer, account)
 from tests.intake_helpers import (
@@ -97,13 +97,13 @@ def test_a_message_that_keeps_failing_is_retried_then_dead_lettered(
     account: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[str] = []
+    calls: list[list[str | None]] = []
 
-    def broken_submit(*args: Any, **kwargs: Any) -> jobs.Submitted:
-        calls.append(kwargs["idempotency_key"])
+    def broken_submit(engine: Engine, storage: Storage, requests: Any) -> Any:
+        calls.append([r.idempotency_key for r in requests])
         raise RuntimeError("a bug in submit")
 
-    monkeypatch.setattr(jobs, "submit", broken_submit)
+    monkeypatch.setattr(submission_batch, "submit_many", broken_submit)
     message_id = xadd(rc, config, job_text(account, key="always-fails"))
     thread = _run_in_thread(consumer)
     try:
@@ -114,7 +114,7 @@ def test_a_message_that_keeps_failing_is_retried_then_dead_lettered(
 
     [dead] = dead_letters(rc, config)
     assert dead["kind"] == "poison" and dead["message_id"] == message_id
-    assert calls == ["always-fails"] * config.max_deliveries
+    assert calls == [["always-fails"]] * config.max_deliveries
     assert pending_count(rc, config) == 0
 
 
@@ -126,15 +126,16 @@ def test_a_transient_database_error_is_retried_not_dead_lettered(
     account: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_submit = jobs.submit
-    failures = [OperationalError("INSERT ...", {}, Exception("server closed the connection"))]
+    real_submit = submission_batch.submit_many
+    outage = OperationalError("INSERT ...", {}, Exception("server closed the connection"))
+    failures = [outage]
 
-    def flaky_submit(*args: Any, **kwargs: Any) -> jobs.Submitted:
+    def flaky_submit(engine: Engine, storage: Storage, requests: Any) -> Any:
         if failures:
-            raise failures.pop()
-        return real_submit(*args, **kwargs)
+            return [failures.pop()] * len(requests)  # what an outage past the budget gives
+        return real_submit(engine, storage, requests)
 
-    monkeypatch.setattr(jobs, "submit", flaky_submit)
+    monkeypatch.setattr(submission_batch, "submit_many", flaky_submit)
     xadd(rc, config, job_text(account, key="survives-an-outage"))
     thread = _run_in_thread(consumer)
     try:
@@ -149,7 +150,7 @@ def test_a_transient_database_error_is_retried_not_dead_lettered(
     assert consumer.stats.retried == 1 and consumer.stats.accepted == 1
 
 
-def test_a_batch_interrupted_by_an_outage_still_acks_and_dispatches_what_it_submitted(
+def test_a_batch_with_one_message_left_pending_still_acks_and_dispatches_the_rest(
     pg_engine: Engine,
     rc: redis.Redis,
     config: IntakeConfig,
@@ -157,30 +158,31 @@ def test_a_batch_interrupted_by_an_outage_still_acks_and_dispatches_what_it_subm
     account: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_submit = jobs.submit
-    calls = {"n": 0}
+    """One message of a batch hits an outage on its own (it went alone and the database
+    dropped): the others are acknowledged and dispatched, it stays pending."""
+    real_submit = submission_batch.submit_many
 
-    def third_fails(*args: Any, **kwargs: Any) -> jobs.Submitted:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OperationalError("INSERT ...", {}, Exception("server closed the connection"))
-        return real_submit(*args, **kwargs)
+    def third_fails(engine: Engine, storage: Storage, requests: Any) -> Any:
+        out = real_submit(engine, storage, [r for i, r in enumerate(requests) if i != 2])
+        outage = OperationalError("INSERT ...", {}, Exception("server closed the connection"))
+        return [*out[:2], outage, *out[2:]]
 
-    monkeypatch.setattr(jobs, "submit", third_fails)
+    monkeypatch.setattr(submission_batch, "submit_many", third_fails)
     ids = [xadd(rc, config, job_text(account, key=f"batch-{i}")) for i in range(4)]
     assert consumer.step() == 0  # the start-up round: own pending messages (none)
-    # One batch: two submitted, the third hits the outage, the fourth is not tried.
-    assert consumer.step() == 3
+    assert consumer.step() == 4  # one batch
 
     rows = sorted(jobs_of(pg_engine, account), key=lambda r: r.idempotency_key)
-    assert [r.idempotency_key for r in rows] == ["batch-0", "batch-1"]
-    assert all(r.status == states.DISPATCHED for r in rows)  # relayed despite the outage
+    assert [r.idempotency_key for r in rows] == ["batch-0", "batch-1", "batch-3"]
+    # Relayed despite the outage: dispatched up to the free plan's running cap (2).
+    assert [r.status for r in rows] == [states.DISPATCHED] * 2 + [states.QUEUED]
     still_pending = {p["message_id"] for p in rc.xpending_range(
         config.stream, config.group, min="-", max="+", count=10)}  # fmt: skip
-    assert still_pending == set(ids[2:])  # only what was not submitted stays pending
+    assert still_pending == {ids[2]}  # only what was not submitted stays pending
     accepted = {f.get("message_id") for _, f in rc.xrange(EVENTS_STREAM)}
-    assert set(ids[:2]) <= accepted and not set(ids[2:]) & accepted
+    assert {ids[0], ids[1], ids[3]} <= accepted and ids[2] not in accepted
     assert dead_letters(rc, config) == []
+    assert consumer.stats.retried == 1 and consumer.stats.accepted == 3
 
 
 def test_two_consumers_share_fifty_messages_and_none_is_processed_twice(

@@ -52,6 +52,7 @@ from orchestrator.ingress.messages import (
 )
 from orchestrator.ingress.streams import IntakeConfig
 from orchestrator.jobs import service as jobs
+from orchestrator.jobs import submission_batch
 from orchestrator.scheduling.outbox import Publisher
 from orchestrator.scheduling.scheduler import nudge
 from orchestrator.storage import Storage
@@ -212,11 +213,13 @@ class Consumer:
     # -- handling --
 
     def _handle_all(self, messages: Iterable[Message], *, check_deliveries: bool) -> int:
-        """Submit each message in its own transaction; then, once for the batch, announce and
-        acknowledge the accepted ones (one MULTI) and publish their outbox rows (one relay)."""
+        """Submit the messages as one batch (each with its own outcome: orchestrator.jobs.
+        submission_batch); then, once for the batch, announce and acknowledge the accepted
+        ones (one MULTI) and publish their outbox rows (one relay)."""
         handled = 0
         accepted: list[tuple[str, JobRequest, dict[str, Any]]] = []
         try:
+            parsed: list[tuple[str, Mapping[str, Any], JobRequest]] = []
             for message_id, fields in messages:
                 if self.stopping:
                     break  # graceful stop: the rest stay pending, to be re-read or claimed
@@ -226,12 +229,19 @@ class Consumer:
                     continue
                 if check_deliveries and self._is_poison(message_id, fields):
                     continue
-                outcome = self.handle(message_id, fields)
-                if isinstance(outcome, Accepted):
-                    accepted.append((message_id, outcome.request, outcome.job))
-                elif outcome is Outcome.RETRY:
-                    self._fail()
-                    break
+                request = self._parse(message_id, fields)
+                if request is not None:
+                    parsed.append((message_id, fields, request))
+            outcomes = self._submit(parsed)
+            retry = False
+            for (mid, given, request), outcome in zip(parsed, outcomes, strict=True):
+                result = self._settle(mid, given, request, outcome)
+                if isinstance(result, Accepted):
+                    accepted.append((mid, result.request, result.job))
+                elif result is Outcome.RETRY:
+                    retry = True
+            if retry:
+                self._fail()
         finally:
             # Also after an error: what was submitted is announced, acknowledged and published
             # (if this fails, the messages stay pending and are resubmitted idempotently).
@@ -254,34 +264,70 @@ class Consumer:
     def handle(self, message_id: str, fields: Mapping[str, Any]) -> Accepted | Outcome:
         """Parse and submit one message; a refusal is dead-lettered here. The caller announces,
         acknowledges and relays what was accepted."""
+        request = self._parse(message_id, fields)
+        if request is None:
+            return Outcome.DEAD
+        [outcome] = self._submit([(message_id, fields, request)])
+        return self._settle(message_id, fields, request, outcome)
+
+    def _parse(self, message_id: str, fields: Mapping[str, Any]) -> JobRequest | None:
+        """The message's request, or None once a malformed one is dead-lettered."""
         try:
-            request = parse_job(fields, message_id)
-            submitted = jobs.submit(
-                self.engine,
-                self.storage,
+            return parse_job(fields, message_id)
+        except (MalformedMessage, *PERMANENT_ERRORS) as exc:
+            self._dead_letter(message_id, fields, refusal(exc))
+            return None
+
+    def _submit(
+        self, parsed: list[tuple[str, Mapping[str, Any], JobRequest]]
+    ) -> list[submission_batch.Outcome]:
+        requests = [
+            submission_batch.Request(
                 request.account_id,
                 request.spec,
+                message_job_id(self.config.stream, message_id, fields),
                 idempotency_key=request.idempotency_key,
                 callback_url=request.callback_url,
                 webhook_events_filter=request.webhook_events_filter,
                 source="redis",
-                job_id=message_job_id(self.config.stream, message_id, fields),
             )
-        except (MalformedMessage, *PERMANENT_ERRORS) as exc:
-            self._dead_letter(message_id, fields, refusal(exc))
+            for message_id, fields, request in parsed
+        ]
+        if not requests:
+            return []
+        try:
+            return submission_batch.submit_many(self.engine, self.storage, requests)
+        except Exception as exc:  # a bug in the batch itself: every message retries
+            log.warning("intake %s: batch submit failed", self.name, exc_info=True)
+            return [exc] * len(requests)
+
+    def _settle(
+        self,
+        message_id: str,
+        fields: Mapping[str, Any],
+        request: JobRequest,
+        outcome: submission_batch.Outcome,
+    ) -> Accepted | Outcome:
+        """A submit's outcome: accepted, dead-lettered (a permanent refusal) or left pending."""
+        if isinstance(outcome, jobs.Submitted):
+            self.stats.accepted += 1
+            return Accepted(request, outcome.job)
+        if isinstance(outcome, PERMANENT_ERRORS):
+            self._dead_letter(message_id, fields, refusal(outcome))
             return Outcome.DEAD
-        except Exception as exc:
-            expected = isinstance(exc, TRANSIENT_ERRORS)  # no traceback for an outage
-            dependency = dependency_of(exc)
-            if dependency is not None:
-                count_retry(dependency)
-            log.warning(
-                "intake %s: %s left pending: %s", self.name, message_id, exc, exc_info=not expected
-            )
-            self.stats.retried += 1
-            return Outcome.RETRY
-        self.stats.accepted += 1
-        return Accepted(request, submitted.job)
+        expected = isinstance(outcome, TRANSIENT_ERRORS)  # no traceback for an outage
+        dependency = dependency_of(outcome)
+        if dependency is not None:
+            count_retry(dependency)
+        log.warning(
+            "intake %s: %s left pending: %s",
+            self.name,
+            message_id,
+            outcome,
+            exc_info=None if expected else outcome,
+        )
+        self.stats.retried += 1
+        return Outcome.RETRY
 
     def _announce_and_ack(self, accepted: list[tuple[str, JobRequest, dict[str, Any]]]) -> None:
         """The `accepted` events go before the relay, so a reader that learns a job id from one

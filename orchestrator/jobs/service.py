@@ -114,6 +114,42 @@ def _job_values(
     }
 
 
+def new_job_values(
+    job_id: str,
+    account_id: str,
+    spec: dict[str, Any],
+    price: Any,
+    source: str,
+    now: datetime,
+    idempotency_key: str | None,
+    digest: str,
+    callback_url: str | None,
+    events: list[str] | None,
+) -> dict[str, Any]:
+    """The row of a new `queued` job, priced (`price`: specs.validate's Price)."""
+    return _job_values(
+        job_id,
+        account_id,
+        spec,
+        states.QUEUED,
+        source,
+        now,
+        credit_kind=price.credit_kind,
+        price=price.credits,
+        price_per_output=price.breakdown.get("per_image", price.credits),
+        outputs_expected=specs.outputs_expected(spec),
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        callback_url=callback_url,
+        webhook_events_filter=events,
+        deadline_at=now + timedelta(seconds=deadline_s(spec)),
+    )
+
+
+def queued_event(values: dict[str, Any]) -> dict[str, Any]:
+    return _queued_event(values)
+
+
 def _queued_event(values: dict[str, Any]) -> dict[str, Any]:
     """records.event_payload of the row `values` inserts (charged and refunded start at 0)."""
     return {
@@ -233,22 +269,17 @@ def submit(
         elif kind.takes_input_image:
             _resolve_image_input(conn, storage, account_id, spec_)
         now = utcnow()
-        values = _job_values(
+        values = new_job_values(
             job_id,
             account_id,
             spec_,
-            states.QUEUED,
+            price,
             source,
             now,
-            credit_kind=price.credit_kind,
-            price=price.credits,
-            price_per_output=price.breakdown.get("per_image", price.credits),
-            outputs_expected=specs.outputs_expected(spec_),
-            idempotency_key=idempotency_key,
-            request_hash=digest,
-            callback_url=callback_url,
-            webhook_events_filter=events,
-            deadline_at=now + timedelta(seconds=deadline_s(spec_)),
+            idempotency_key,
+            digest,
+            callback_url,
+            events,
         )
         ttl_s = hold_ttl_s(spec_)
         ledger.check_hold(price.credit_kind, price.credits, ttl_s, job_id)

@@ -158,6 +158,39 @@ def _naive_utc(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
+def submit_params(
+    values: dict[str, Any],
+    ttl_s: int,
+    payload: dict[str, Any],
+    now: datetime,
+    enqueue: tuple[str, str] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The statement `insert_and_hold` runs and its parameters (the batch submit runs many
+    of them at once)."""
+    params = dict(values)
+    for name in JSON_PARAMS:  # None as JSON null, as SQLAlchemy's JSON type stores it
+        params[name] = Json(params[name])
+    for name in TIME_PARAMS:
+        params[name] = _naive_utc(params[name])
+    params.update(ttl_s=ttl_s, payload=Json(payload), now=_naive_utc(now))
+    if enqueue is None:
+        return SUBMIT_SQL, params
+    params.update(settings_params(get_settings()), task=enqueue[0], queue=enqueue[1])
+    params["now_s"] = now.timestamp()
+    return SUBMIT_ENQUEUE_SQL, params
+
+
+def submitted_row(row: Any, values: dict[str, Any]) -> tuple[Row[Any], bool]:
+    """The job row the statement inserted (as `values` and the server defaults make it) and
+    whether the account has an alert on the kind; a refused hold raises what
+    billing.ledger.hold raises."""
+    hold_result(row, values["account_id"], values["credit_kind"], values["price"], values["id"])
+    if row.inserted != 1:
+        raise AssertionError(f"submit inserted {row.inserted} job rows for {values['id']}")
+    job = JobRow(**{c.name: values.get(c.name, SERVER_DEFAULTS.get(c.name)) for c in jobs.c})
+    return cast(Row[Any], job), bool(row.has_alert)
+
+
 def insert_and_hold(
     conn: Connection,
     values: dict[str, Any],
@@ -170,20 +203,5 @@ def insert_and_hold(
     INSERTED columns) with its `event` outbox row; with `enqueue` = (task, queue), also
     `scheduler.enqueue(conn, id, task, account, now, new=True)`. Returns the job row and
     whether the account has an alert on the kind. Raises what billing.ledger.hold raises."""
-    params = dict(values)
-    for name in JSON_PARAMS:  # None as JSON null, as SQLAlchemy's JSON type stores it
-        params[name] = Json(params[name])
-    for name in TIME_PARAMS:
-        params[name] = _naive_utc(params[name])
-    params.update(ttl_s=ttl_s, payload=Json(payload), now=_naive_utc(now))
-    sql = SUBMIT_SQL
-    if enqueue is not None:
-        sql = SUBMIT_ENQUEUE_SQL
-        params.update(settings_params(get_settings()), task=enqueue[0], queue=enqueue[1])
-        params["now_s"] = now.timestamp()
-    row = conn.exec_driver_sql(sql, params).one()
-    hold_result(row, values["account_id"], values["credit_kind"], values["price"], values["id"])
-    if row.inserted != 1:
-        raise AssertionError(f"submit inserted {row.inserted} job rows for {values['id']}")
-    job = JobRow(**{c.name: values.get(c.name, SERVER_DEFAULTS.get(c.name)) for c in jobs.c})
-    return cast(Row[Any], job), bool(row.has_alert)
+    sql, params = submit_params(values, ttl_s, payload, now, enqueue)
+    return submitted_row(conn.exec_driver_sql(sql, params).one(), values)
