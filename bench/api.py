@@ -94,15 +94,30 @@ def backends(db_url: str, baseline: bool) -> list[int]:
     return [pid for pid, name in rows if (name == BASELINE_APP) == baseline]
 
 
-def wrk(url: str, api_key: str, seconds: int, connections: int, post: bool, server: Server) -> Run:
-    """A wrk run against one server; raises if any answer was not 2xx."""
+def wrk(
+    url: str, api_key: str | list[str], seconds: int, connections: int, post: bool, server: Server
+) -> Run:
+    """A wrk run against one server; raises if any answer was not 2xx. Several keys: each
+    request takes the next (its own account)."""
     script = Path(tempfile.mkdtemp()) / "req.lua"
     method = "POST" if post else "GET"
+    keys = [api_key] if isinstance(api_key, str) else api_key
     script.write_text(
         f'wrk.method = "{method}"\n'
         f"wrk.body = {('[[' + BODY + ']]') if post else 'nil'}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {api_key}"\n'
+        f'wrk.headers["Authorization"] = "Bearer {keys[0]}"\n'
+        + (
+            ""
+            if len(keys) == 1
+            else "keys = {" + ", ".join(f'"{k}"' for k in keys) + "}\n"
+            "n = 0\n"
+            "request = function()\n"
+            "  n = n + 1\n"
+            '  wrk.headers["Authorization"] = "Bearer " .. keys[n % #keys + 1]\n'
+            "  return wrk.format()\n"
+            "end\n"
+        )
     )
     pg_before = {pid: cpu_s(pid) for pid in backends(server.db_url, server.baseline)}
     own_before = cpu_s(server.pid)
@@ -275,6 +290,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4, help="wrk connections (<= 64)")
     parser.add_argument("--rate", type=float, default=100.0, help="open-loop req/s (<= 500)")
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="open-loop length")
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        default=1,
+        help="POST capacity: requests spread over this many accounts, one key each (<= 64)",
+    )
     parser.add_argument("--redis-db", type=int, default=13)
     parser.add_argument(
         "--profile",
@@ -300,7 +321,9 @@ def main() -> None:
         import redis
 
         redis.Redis.from_url(redis_url).flushdb()
-        baseline_key = secrets.token_urlsafe(24)
+        n_accounts = max(1, min(args.accounts, 64))
+        baseline_keys = [secrets.token_urlsafe(24) for _ in range(n_accounts)]
+        baseline_key = baseline_keys[0]
         env = {
             **os.environ,
             "TOLLGATE_DATABASE_URL": db_url,
@@ -308,18 +331,21 @@ def main() -> None:
             "TOLLGATE_REDIS_URL": redis_url,
             "TOLLGATE_STORAGE_URL": str(logs / "storage"),
             "BASELINE_DATABASE_URL": f"{libpq_url(db_url)}?application_name={BASELINE_APP}",
-            "BASELINE_API_KEY": baseline_key,
+            "BASELINE_API_KEY": ",".join(baseline_keys),
             "PYTHONUNBUFFERED": "1",
         }
         os.environ.update({k: v for k, v in env.items() if k.startswith("TOLLGATE_")})
         engine = make_engine(db_url)
-        new = accounts.create_account(engine, "bench", "business")
-        run_transaction(
-            engine,
-            lambda c: ledger.grant(
-                c, new.id, "image", 10_000_000, source="adjustment", reference=f"b-{new.id}"
-            ),
-        )
+        created = [accounts.create_account(engine, "bench", "business") for _ in range(n_accounts)]
+        for acct in created:
+            run_transaction(
+                engine,
+                lambda c, a=acct: ledger.grant(
+                    c, a.id, "image", 10_000_000, source="adjustment", reference=f"b-{a.id}"
+                ),
+            )
+        new = created[0]
+        our_keys = [a.api_key for a in created]
         ours_port, base_port = free_port(), free_port()
         ours_url, base_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{base_port}"
         servers = [
@@ -360,9 +386,9 @@ def main() -> None:
             ours = Server(servers[0].pid, db_url, baseline=False)
             base = Server(servers[1].pid, db_url, baseline=True)
             # Warm both up, then measure alternately: baseline, Tollgate.
-            wrk(f"{base_url}/v1/jobs", baseline_key, 2, connections, True, base)
-            wrk(f"{ours_url}/v1/jobs", new.api_key, 2, connections, True, ours)
-            base_post = wrk(f"{base_url}/v1/jobs", baseline_key, seconds, connections, True, base)
+            wrk(f"{base_url}/v1/jobs", baseline_keys, 2, connections, True, base)
+            wrk(f"{ours_url}/v1/jobs", our_keys, 2, connections, True, ours)
+            base_post = wrk(f"{base_url}/v1/jobs", baseline_keys, seconds, connections, True, base)
             spy = None
             if args.profile:
                 spy = subprocess.Popen(
@@ -383,7 +409,7 @@ def main() -> None:
                     ],
                     stdout=subprocess.DEVNULL,
                 )
-            ours_post = wrk(f"{ours_url}/v1/jobs", new.api_key, seconds, connections, True, ours)
+            ours_post = wrk(f"{ours_url}/v1/jobs", our_keys, seconds, connections, True, ours)
             if spy is not None:
                 spy.wait(timeout=60)
             base_get = wrk(

@@ -78,7 +78,9 @@ def _startup() -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(TABLE_DDL)
     _pool = Pool(url, POOL_SIZE)
-    _keys[_digest(os.environ["BASELINE_API_KEY"])] = "acct_baseline"
+    # One key, or several (comma-separated): one account each, as the bench spreads its load.
+    for i, key in enumerate(os.environ["BASELINE_API_KEY"].split(",")):
+        _keys[_digest(key)] = f"acct_baseline_{i}"
 
 
 def account(

@@ -67,15 +67,22 @@ HEADS: Final = (
 
 
 # The same two reads on PostgreSQL as fixed driver SQL (every pass runs them; nothing is
-# rendered per call, and psycopg prepares them).
+# rendered per call, and psycopg prepares them). The queues come as a joined array, not
+# `= ANY(array)`, and the lock sets `plan_cache_mode` for the rest of the pass's
+# transaction: otherwise PostgreSQL's plan cache keeps choosing custom plans for them (it
+# prices the generic plan for a large array), i.e. plans them again at every pass
+# (tests/test_dispatch_plans.py). The pass's statements are fixed and index-driven.
 PG_LOCK_QUEUES_SQL: Final = (
-    "SELECT queue FROM sched_queues WHERE queue = ANY(%(queues)s::text[]) ORDER BY queue FOR UPDATE"
+    "SELECT q.queue, set_config('plan_cache_mode', 'force_generic_plan', true)"
+    " FROM unnest(%(queues)s::text[]) AS u(queue)"
+    " JOIN sched_queues AS q ON q.queue = u.queue ORDER BY q.queue FOR UPDATE OF q"
 )
 PG_QUEUE_STATE_SQL: Final = (
     "SELECT q.queue, q.vtime, (SELECT count(*) FROM dispatch_queue AS d"
     " WHERE d.queue = q.queue AND d.state = 'dispatched') AS in_flight,"
     " EXISTS (SELECT 1 FROM sched_flows AS f WHERE f.queue = q.queue AND f.eligible) AS work"
-    " FROM sched_queues AS q WHERE q.queue = ANY(%(queues)s::text[]) ORDER BY q.queue"
+    " FROM unnest(%(queues)s::text[]) AS u(queue)"
+    " JOIN sched_queues AS q ON q.queue = u.queue ORDER BY q.queue"
 )
 PG_FIRST_FLOWS_SQL: Final = (
     "SELECT * FROM sched_flows WHERE queue = %(queue)s AND eligible"
