@@ -44,7 +44,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import cpu  # noqa: E402
+from bench import cpu, pg_profile  # noqa: E402
 from bench.bench_env import bench_secrets  # noqa: E402
 from bench.cpu import CLOCK_TICKS_PER_S  # noqa: E402
 from bench.ledger import bench_database, libpq_url  # noqa: E402
@@ -383,7 +383,9 @@ def main() -> None:
                     ],
                     stdout=subprocess.DEVNULL,
                 )
+            pg_profile.phase_start(db_url)  # no-op unless under bench/pg_profile.py
             ours_post = wrk(f"{ours_url}/v1/jobs", new.api_key, seconds, connections, True, ours)
+            pg_profile.phase_end(db_url)
             if spy is not None:
                 spy.wait(timeout=60)
             base_get = wrk(
