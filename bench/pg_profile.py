@@ -18,7 +18,8 @@ that part only, and "per job" divides by the jobs created in it (`--jobs` overri
 without the hooks is profiled whole (stats reset before it starts, setup and baseline parts
 included), statements and WAL only. Nested statements (track=all, `top` = n) are also counted
 inside their caller's time. Table and WAL counters reach the shared stats up to 10 s late
-from an idle backend, so `phase_end` waits STATS_FLUSH_WAIT_S before reading them.
+from an idle backend, so `phase_start` waits STATS_FLUSH_WAIT_S before resetting them (or
+they would land in the part) and `phase_end` before reading them.
 
 Exec time is wall time in the backend: row-lock waits and the commit's WAL fsync count too.
 So pg_stat_activity is also sampled at 50 Hz during the run, and the backend ms per job are
@@ -81,7 +82,8 @@ SELECT query_id, coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_s
 WHERE state = 'active' AND backend_type = 'client backend' AND datname <> 'postgres'
 """
 DATABASE_SQL = """
-SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted
+SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted, sessions,
+       active_time, idle_in_transaction_time
 FROM pg_stat_database WHERE datname = current_database()
 """
 
@@ -110,6 +112,7 @@ def phase_start(db_url: str) -> None:
     path = os.environ.get(PHASE_FILE_ENV)
     if not path:
         return
+    time.sleep(STATS_FLUSH_WAIT_S)  # idle backends' counters from before land first
     _reset(db_url)
     jobs = _rows(db_url, "SELECT count(*) AS n FROM jobs")[0]["n"]
     Path(path).write_text(json.dumps({"jobs_before": jobs, "t_start": time.time()}))
@@ -247,6 +250,12 @@ def report(figures: dict[str, Any], jobs: int, top: int) -> None:
             f"commits per job: {db['xact_commit'] / jobs:.2f} (rollbacks"
             f" {db['xact_rollback'] / jobs:.2f}); rows inserted {db['tup_inserted'] / jobs:.1f},"
             f" updated {db['tup_updated'] / jobs:.1f}, deleted {db['tup_deleted'] / jobs:.1f}"
+        )
+        # Time of sessions that ended or were idle at the read (PG 15: running ones lag).
+        print(
+            f"new sessions per job: {db['sessions'] / jobs:.3f}; backend time per job: active"
+            f" {db['active_time'] / jobs:.2f} ms, idle in transaction"
+            f" {db['idle_in_transaction_time'] / jobs:.2f} ms"
         )
 
 
