@@ -363,6 +363,7 @@ def main() -> None:
             wrk(f"{base_url}/v1/jobs", baseline_key, 2, connections, True, base)
             wrk(f"{ours_url}/v1/jobs", new.api_key, 2, connections, True, ours)
             base_post = wrk(f"{base_url}/v1/jobs", baseline_key, seconds, connections, True, base)
+            pg_profile.phase_start(db_url)  # no-op unless under bench/pg_profile.py
             spy = None
             if args.profile:
                 spy = subprocess.Popen(
@@ -383,7 +384,6 @@ def main() -> None:
                     ],
                     stdout=subprocess.DEVNULL,
                 )
-            pg_profile.phase_start(db_url)  # no-op unless under bench/pg_profile.py
             ours_post = wrk(f"{ours_url}/v1/jobs", new.api_key, seconds, connections, True, ours)
             pg_profile.phase_end(db_url)
             if spy is not None:

@@ -253,6 +253,7 @@ def measure(args: argparse.Namespace, n: int, logs: Path, redis_url: str) -> Mea
             wait_log(logs / "api.log", b"Uvicorn running")
             time.sleep(2)
             raw, raw_cpu = baseline(redis_url, n, scope)
+            pg_profile.phase_start(db_url)  # no-op unless under bench/pg_profile.py
             spies = []
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
@@ -261,7 +262,6 @@ def measure(args: argparse.Namespace, n: int, logs: Path, redis_url: str) -> Mea
                     py_spy(procs[1].pid, args.profile / "intake.txt", subprocesses=False),
                 ]
                 time.sleep(1)  # py-spy attaches
-            pg_profile.phase_start(db_url)  # no-op unless under bench/pg_profile.py
             calls, counts = redis_calls(redis_url), pg_counts(engine)
             path, path_cpu = whole_path(engine, redis_url, new.id, n, scope)
             # Read right away (the stats lag by up to a second; the bench's own polling

@@ -17,9 +17,12 @@ its whole-path part, bench/api.py around its `POST /v1/jobs` wrk run. The figure
 that part only, and "per job" divides by the jobs created in it (`--jobs` overrides). A bench
 without the hooks is profiled whole (stats reset before it starts, setup and baseline parts
 included), statements and WAL only. Nested statements (track=all, `top` = n) are also counted
-inside their caller's time. Table and WAL counters reach the shared stats up to 10 s late
-from an idle backend, so `phase_start` waits STATS_FLUSH_WAIT_S before resetting them (or
-they would land in the part) and `phase_end` before reading them.
+inside their caller's time. Autovacuum is off (as on the shared server), so the bench's
+fresh tables are never analyzed; `--analyze` runs ANALYZE at phase_start, as autovacuum
+would have by then in a long-running deployment (it changes some plan-cache choices).
+Table and WAL counters reach the shared stats up to 10 s late from an idle backend, so
+`phase_start` waits STATS_FLUSH_WAIT_S before resetting them (or they would land in the
+part) and `phase_end` before reading them; pg_stat_statements has no such lag.
 
 Exec time is wall time in the backend: row-lock waits and the commit's WAL fsync count too.
 So pg_stat_activity is also sampled at 50 Hz during the run, and the backend ms per job are
@@ -53,6 +56,7 @@ from psycopg.rows import dict_row
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PHASE_FILE_ENV = "TOLLGATE_BENCH_PG_PROFILE"  # where phase_end writes its figures (JSON)
 ADMIN_URL_ENV = "TOLLGATE_BENCH_PG_ADMIN_URL"
+ANALYZE_ENV = "TOLLGATE_BENCH_PG_ANALYZE"  # "1": phase_start runs ANALYZE first (--analyze)
 STATS_FLUSH_WAIT_S = 11  # PGSTAT_IDLE_INTERVAL (10 s) plus a margin
 READY_TIMEOUT_S = 60
 TOP_DEFAULT = 25
@@ -112,6 +116,8 @@ def phase_start(db_url: str) -> None:
     path = os.environ.get(PHASE_FILE_ENV)
     if not path:
         return
+    if os.environ.get(ANALYZE_ENV) == "1":  # what autovacuum would have done by now
+        _rows(db_url, "ANALYZE")
     time.sleep(STATS_FLUSH_WAIT_S)  # idle backends' counters from before land first
     _reset(db_url)
     jobs = _rows(db_url, "SELECT count(*) AS n FROM jobs")[0]["n"]
@@ -196,6 +202,9 @@ def run_bench(command: list[str], env: dict[str, str]) -> int:
     child = subprocess.Popen(argv, env=env)
     try:
         return child.wait()
+    except SystemExit:  # our SIGTERM (see main): the bench cleans up as on a Ctrl-C
+        child.send_signal(signal.SIGINT)
+        raise
     finally:  # Ctrl-C reaches the bench too (same process group): let it clean up first
         if child.poll() is None:
             try:
@@ -292,12 +301,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, help="divide by this (default: the part's jobs)")
     parser.add_argument("--top", type=int, default=TOP_DEFAULT, help="statements to print")
+    parser.add_argument(
+        "--analyze", action="store_true", help="ANALYZE the bench database at phase_start"
+    )
     parser.add_argument("command", nargs="+", help="the bench: -- bench/lifecycle.py ...")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the cluster goes too
     with private_cluster() as (admin, tmp):
         phase_file = tmp / "phase.json"
         env = {**os.environ, ADMIN_URL_ENV: admin, PHASE_FILE_ENV: str(phase_file)}
+        env[ANALYZE_ENV] = "1" if args.analyze else "0"
         env.pop("TOLLGATE_BENCH_PG_URL", None)  # bench/ledger.py would use that server
         os.environ[ADMIN_URL_ENV] = admin
         _reset(None)
