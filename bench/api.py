@@ -44,7 +44,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import cpu  # noqa: E402
+from bench import cpu, pg_profile  # noqa: E402
 from bench.bench_env import bench_secrets  # noqa: E402
 from bench.cpu import CLOCK_TICKS_PER_S  # noqa: E402
 from bench.ledger import bench_database, libpq_url  # noqa: E402
@@ -389,6 +389,7 @@ def main() -> None:
             wrk(f"{base_url}/v1/jobs", baseline_keys, 2, connections, True, base)
             wrk(f"{ours_url}/v1/jobs", our_keys, 2, connections, True, ours)
             base_post = wrk(f"{base_url}/v1/jobs", baseline_keys, seconds, connections, True, base)
+            pg_profile.phase_start(db_url)  # no-op unless under bench/pg_profile.py
             spy = None
             if args.profile:
                 spy = subprocess.Popen(
@@ -410,6 +411,7 @@ def main() -> None:
                     stdout=subprocess.DEVNULL,
                 )
             ours_post = wrk(f"{ours_url}/v1/jobs", our_keys, seconds, connections, True, ours)
+            pg_profile.phase_end(db_url)
             if spy is not None:
                 spy.wait(timeout=60)
             base_get = wrk(

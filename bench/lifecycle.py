@@ -40,7 +40,7 @@ from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import cpu  # noqa: E402
+from bench import cpu, pg_profile  # noqa: E402
 from bench.bench_env import bench_secrets  # noqa: E402
 from bench.ledger import bench_database  # noqa: E402
 from bench.soak.processes import wait_port  # noqa: E402
@@ -253,6 +253,7 @@ def measure(args: argparse.Namespace, n: int, logs: Path, redis_url: str) -> Mea
             wait_log(logs / "api.log", b"Uvicorn running")
             time.sleep(2)
             raw, raw_cpu = baseline(redis_url, n, scope)
+            pg_profile.phase_start(db_url)  # no-op unless under bench/pg_profile.py
             spies = []
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
@@ -268,6 +269,7 @@ def measure(args: argparse.Namespace, n: int, logs: Path, redis_url: str) -> Mea
             time.sleep(1)
             print(f"Redis calls per whole-path job: {per_job(calls, redis_calls(redis_url), n)}")
             print(f"PostgreSQL per whole-path job: {per_job(counts, pg_counts(engine), n)}")
+            pg_profile.phase_end(db_url)
             for spy in spies:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
