@@ -10,10 +10,13 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
 import redis
+from celery._state import _task_stack
+from celery.signals import before_task_publish
 from sqlalchemy import Engine
 
 from orchestrator.events import EVENTS_STREAM
@@ -86,16 +89,38 @@ def sent_events(client: redis.Redis, redis_url: str) -> Iterator[Any]:
     pubsub.close()
 
 
-@pytest.mark.parametrize("task_id", ["job_fast1", "job_fast1:render:1"])
+@contextmanager
+def running_task(app: Any) -> Iterator[None]:
+    """As inside a worker's task (the beat-driven dispatch pass): tasks sent name it."""
+    task = app.tasks["celery.backend_cleanup"]
+    task.push_request(id="job_parent", root_id="job_root", called_directly=False)
+    _task_stack.push(task)
+    try:
+        yield
+    finally:
+        _task_stack.pop()
+        task.pop_request()
+
+
+@pytest.mark.parametrize(
+    ("task_id", "in_task"),
+    [("job_fast1", False), ("job_fast1:render:1", False), ("job_fast1", True)],
+)
 def test_the_task_message_and_its_event_are_celerys(
-    client: redis.Redis, redis_url: str, sent_events: Any, task_id: str
+    client: redis.Redis, redis_url: str, sent_events: Any, task_id: str, in_task: bool
 ) -> None:
     publish = Publisher(redis_url)
     assert publish.tasks is not None and publish.tasks.usable()
-    celery_for(redis_url).send_task(
-        TASK, args=["job_fast1"], task_id=task_id, queue=QUEUE, soft_time_limit=600, time_limit=660
-    )
-    key, message, event = publish.tasks.build(TASK, QUEUE, 660, 600, "job_fast1", task_id)
+    with running_task(publish.celery) if in_task else nullcontext():
+        publish.celery.send_task(
+            TASK,
+            args=["job_fast1"],
+            task_id=task_id,
+            queue=QUEUE,
+            soft_time_limit=600,
+            time_limit=660,
+        )
+        key, message, event = publish.tasks.build(TASK, QUEUE, 660, 600, "job_fast1", task_id)
     assert key == QUEUE and event is not None
     publish._send([(key, message, event)])
     raw: list[Any] = client.lrange(QUEUE, 0, -1)  # type: ignore[assignment]
@@ -113,6 +138,8 @@ def test_the_task_message_and_its_event_are_celerys(
     assert abs(our_event["body"]["timestamp"] - time.time()) < 60
     assert per_message(our_event) == per_message(their_event)
     assert our_event["body"]["uuid"] == task_id and our_event["body"]["queue"] == QUEUE
+    parent = ("job_root", "job_parent") if in_task else (task_id, None)
+    assert (ours["headers"]["root_id"], ours["headers"]["parent_id"]) == parent
 
 
 def test_priorities_use_kombus_list_keys(client: redis.Redis, redis_url: str) -> None:
@@ -149,6 +176,23 @@ def test_many_pipelines_dispatches_and_events_in_order(
     many = [("dispatch", {"job_id": f"job_{i}", "type": "txt2img"}) for i in range(450)]
     assert publish.many(many) == 450
     assert ids(client, "gpu.txt2img") == [f"job_{i}" for i in range(450)]
+
+
+def test_publish_signal_receivers_get_celerys_own_path(client: redis.Redis, redis_url: str) -> None:
+    seen: list[str] = []
+
+    def receiver(sender: Any = None, headers: Any = None, **_: Any) -> None:
+        seen.append(headers["id"])
+
+    before_task_publish.connect(receiver, weak=False)
+    try:
+        publish = Publisher(redis_url)
+        publish("dispatch", {"job_id": "job_sig1", "type": "txt2img"})
+        assert publish.many([("dispatch", {"job_id": "job_sig2", "type": "txt2img"})]) == 1
+    finally:
+        before_task_publish.disconnect(receiver)
+    assert seen == ["job_sig1", "job_sig2"]
+    assert ids(client, "gpu.txt2img") == ["job_sig1", "job_sig2"]
 
 
 @pytest.fixture(scope="module")
