@@ -2,7 +2,9 @@
 for events. The task's only argument is the job id, so Flower and broker dumps never show
 prompts, images or keys. The task id is the job id, or for a tune's phases the job id and
 the phase (`task_id_for`): both stay visible in Flower, and a re-publish of the same phase
-reuses its id (every consumer is idempotent on the job id and the job's status anyway)."""
+reuses its id (every consumer is idempotent on the job id and the job's status anyway).
+A dispatch task goes out as the message Celery would write (task_messages.py), one LPUSH
+and its task-sent event's PUBLISH in a pipeline, not through `send_task`."""
 
 from __future__ import annotations
 
