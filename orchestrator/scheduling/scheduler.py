@@ -252,21 +252,28 @@ def _dispatch_pool(
 
 def _publish(publish: Publish, entries: list[Row[Any]], sent: set[str] | None) -> set[str]:
     """Send the tasks (before COMMIT); a failure leaves the rest to the re-publisher.
-    `sent` remembers what an earlier attempt of the same transaction already sent."""
-    done: set[str] = set()
-    for t in entries:
-        if sent is not None and t.job_id in sent:
-            done.add(t.job_id)
-            continue
+    `sent` remembers what an earlier attempt of the same transaction already sent. A
+    publisher with `many` (dispatch.Publisher) pipelines them: one round trip per batch."""
+    done = {t.job_id for t in entries if sent is not None and t.job_id in sent}
+    todo = [t for t in entries if t.job_id not in done]
+    many = getattr(publish, "many", None)
+    if many is not None:  # (it logs a failure itself)
+        done.update(t.job_id for t in todo[: many([_message(t) for t in todo])])
+        todo = []
+    for t in todo:
         try:
-            publish("dispatch", {"job_id": t.job_id, "type": t.task})
+            publish(*_message(t))
         except Exception:
             log.warning("dispatch publish failed; the re-publisher will send it", exc_info=True)
             break
         done.add(t.job_id)
-        if sent is not None:
-            sent.add(t.job_id)
+    if sent is not None:
+        sent |= done
     return done
+
+
+def _message(entry: Row[Any]) -> tuple[str, dict[str, Any]]:
+    return "dispatch", {"job_id": entry.job_id, "type": entry.task}
 
 
 def _dispatch_queue(
