@@ -124,14 +124,15 @@ def baseline(redis_url: str, n: int, scope: cpu.Scope) -> tuple[float, dict[str,
 
 
 def whole_path(
-    engine: Any, redis_url: str, account: str, n: int, scope: cpu.Scope
+    engine: Any, redis_url: str, account_ids: list[str], n: int, scope: cpu.Scope
 ) -> tuple[float, dict[str, float]]:
-    """Jobs per second from the first XADD to the last job settled, and CPU ms per job."""
+    """Jobs per second from the first XADD to the last job settled, and CPU ms per job.
+    Job i belongs to account i mod len(account_ids)."""
     client = redis.Redis.from_url(redis_url)
     messages = [
         json.dumps(
             {
-                "account_id": account,
+                "account_id": account_ids[i % len(account_ids)],
                 "idempotency_key": f"bench-{i}",
                 "spec": {"type": "txt2img", "prompt": "bench", "steps": 20},
             }
@@ -151,7 +152,7 @@ def whole_path(
             lambda c: c.execute(
                 select(func.count())
                 .select_from(jobs)
-                .where(jobs.c.account_id == account, jobs.c.status.in_(sorted(TERMINAL)))
+                .where(jobs.c.account_id.in_(account_ids), jobs.c.status.in_(sorted(TERMINAL)))
             ).scalar_one(),
         )
         if done >= n:
@@ -211,13 +212,17 @@ def measure(args: argparse.Namespace, n: int, logs: Path, redis_url: str) -> Mea
         }
         os.environ.update({k: v for k, v in env.items() if k.startswith("TOLLGATE_")})
         engine = make_engine(db_url)
-        new = accounts.create_account(engine, "bench", "business")
-        run_transaction(
-            engine,
-            lambda c: ledger.grant(
-                c, new.id, "image", 1_000_000, source="adjustment", reference=f"bench-{new.id}"
-            ),
-        )
+        created = [
+            accounts.create_account(engine, "bench", "business") for _ in range(args.accounts)
+        ]
+        for acct in created:
+            run_transaction(
+                engine,
+                lambda c, a=acct: ledger.grant(
+                    c, a.id, "image", 1_000_000, source="adjustment", reference=f"bench-{a.id}"
+                ),
+            )
+        new = created[0]
         api_port = free_port()
         procs = [
             spawn(
@@ -263,7 +268,7 @@ def measure(args: argparse.Namespace, n: int, logs: Path, redis_url: str) -> Mea
                 ]
                 time.sleep(1)  # py-spy attaches
             calls, counts = redis_calls(redis_url), pg_counts(engine)
-            path, path_cpu = whole_path(engine, redis_url, new.id, n, scope)
+            path, path_cpu = whole_path(engine, redis_url, [a.id for a in created], n, scope)
             # Read right away (the stats lag by up to a second; the bench's own polling
             # counts too: about one commit per 20 ms).
             time.sleep(1)
@@ -295,6 +300,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="POST /v1/jobs per second")
     parser.add_argument("--seconds", type=float, default=5.0, help="latency run length (<= 30)")
     parser.add_argument("--profile", type=Path, help="write py-spy raw stacks here (a folder)")
+    parser.add_argument(
+        "--accounts", type=int, default=1, help="whole path: jobs spread over this many accounts"
+    )
     args = parser.parse_args()
     n = max(10, min(args.jobs, 2000))
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"tollgate-bench-{secrets.token_hex(3)}"

@@ -1,22 +1,23 @@
-"""Submitting a batch of jobs in ONE transaction (the Redis intake's batches, PostgreSQL).
+"""Submitting a batch of jobs with one transaction per account (the Redis intake's
+batches, PostgreSQL).
 
 `submit_many` gives each request its own outcome, exactly what `service.submit` would give
-it alone, and commits the plain new jobs of the batch together:
+it alone, and commits the plain new jobs of each account together:
 
 - one statement finds which requests were seen before (a job under their id: a replayed
   message; or under their idempotency key);
-- the submit statement of every new plain job (`submission_pg.SUBMIT_ENQUEUE_SQL`: hold,
-  job row, event row, queue entry) goes out pipelined (psycopg `executemany`, one round
-  trip), then one COMMIT that waits for the WAL flush, as each submit's did.
+- per account, the submit statement of each new plain job (`submission_pg.
+  SUBMIT_ENQUEUE_SQL`: hold, job row, event row, queue entry) goes out pipelined (psycopg
+  `executemany`, one round trip), then one COMMIT that waits for the WAL flush, as each
+  submit's did.
 
-The batch is all or nothing, so no request can change another's outcome: a hold the ledger
-refuses (insufficient credits, unknown account) rolls the batch back, and the batch runs
-again without it, at most `BATCH_REFUSALS_MAX` times. Every request the batch does not
-take (refused, seen before, a family with its own submit rows, an input image, an invalid
-spec, a repeated idempotency key) is then submitted alone by `service.submit`, which
-records a rejection, answers a replay or raises the request's own error. Holds lock their
-account's balance row until the COMMIT, so the batch takes them in account order (two
-batches never wait on each other in a cycle); an account's jobs keep their order.
+An account's transaction is all or nothing, so no request can change another's outcome: a
+hold the ledger refuses (insufficient credits) rolls it back, and it runs again without
+that request, at most `BATCH_REFUSALS_MAX` times. Every request a transaction does not take
+(refused, seen before, a family with its own submit rows, an input image, an invalid spec,
+a repeated idempotency key, an unknown account) is then submitted alone by
+`service.submit`, which records a rejection, answers a replay or raises the request's own
+error. One transaction per account, not per batch: see `_by_account` (lock order).
 """
 
 from __future__ import annotations
@@ -111,22 +112,41 @@ def _submit_chunk(
 ) -> None:
     batch = _batchable(engine, requests, chunk)
     alone = [i for i in chunk if i not in {n.index for n in batch}]
-    for _ in range(BATCH_REFUSALS_MAX + 1):
-        if not batch:
-            break
-        try:
-            taken, seen = run_transaction(engine, partial(_submit_batch, batch=batch))
-        except _Refused as refused:
-            alone += refused.indexes
-            batch = [n for n in batch if n.index not in refused.indexes]
-            continue
-        for n, row in taken:
-            outcomes[n.index] = jobs.Submitted(view(row), created=True)
-        alone += seen
-        batch = []
-    alone += [n.index for n in batch]  # refused too often: each goes alone
+    if batch:
+        seen = run_transaction(engine, partial(_seen, batch=batch))
+        alone += [n.index for n in batch if n.index in seen]
+        batch = [n for n in batch if n.index not in seen]
+    for group in _by_account(batch):
+        for _ in range(BATCH_REFUSALS_MAX + 1):
+            if not group:
+                break
+            try:
+                taken = run_transaction(engine, partial(_submit_group, group=group))
+            except _Refused as refused:
+                alone += refused.indexes
+                group = [n for n in group if n.index not in refused.indexes]
+                continue
+            except Exception as exc:
+                if is_transient(exc):
+                    raise  # the database is down: every remaining request retries
+                break  # e.g. a replay that committed meanwhile: the group goes alone
+            for n, row in taken:
+                outcomes[n.index] = jobs.Submitted(view(row), created=True)
+            group = []
+        alone += [n.index for n in group]  # refused too often: each goes alone
     for i in sorted(alone):
         outcomes[i] = _submit_alone(engine, storage, requests[i])
+
+
+def _by_account(batch: list[_New]) -> list[list[_New]]:
+    """One group per account, in order. A group's transaction holds only its account's
+    balance and flow rows: a transaction holding one account's flow row while it waits for
+    another account's balance row would close a cycle with a job's end (balance, then
+    flow) and a dispatch pass (flows) of that other account."""
+    groups: dict[str, list[_New]] = {}
+    for n in batch:
+        groups.setdefault(n.values["account_id"], []).append(n)
+    return list(groups.values())
 
 
 def _submit_alone(engine: Engine, storage: Storage, r: Request) -> Outcome:
@@ -191,28 +211,24 @@ def _batchable(engine: Engine, requests: Sequence[Request], chunk: list[int]) ->
             events,
         )
         out.append(_New(i, values, ttl_s, spec["type"]))
-    out.sort(key=lambda n: n.values["account_id"])  # stable: an account's jobs keep order
     return out
 
 
-def _submit_batch(conn: Connection, batch: list[_New]) -> tuple[list[tuple[_New, Any]], list[int]]:
-    """The batch's new jobs in the caller's transaction, and the requests left out because
-    they were seen before (they go alone). Raises _Refused (rolling the transaction back)
-    when the ledger refuses a hold."""
-    seen = {
-        int(r[0]) - 1
-        for r in conn.exec_driver_sql(
-            SEEN_SQL,
-            {
-                "ids": [n.values["id"] for n in batch],
-                "accounts": [n.values["account_id"] for n in batch],
-                "keys": [n.values["idempotency_key"] for n in batch],
-            },
-        )
+def _seen(conn: Connection, batch: list[_New]) -> set[int]:
+    """The requests seen before (their index). Read outside the groups' transactions: a
+    replay committed after this read makes its group's insert fail on the job's id or key,
+    and that group's requests then go alone."""
+    params = {
+        "ids": [n.values["id"] for n in batch],
+        "accounts": [n.values["account_id"] for n in batch],
+        "keys": [n.values["idempotency_key"] for n in batch],
     }
-    new = [n for p, n in enumerate(batch) if p not in seen]
-    if not new:
-        return [], [batch[p].index for p in sorted(seen)]
+    return {batch[int(r[0]) - 1].index for r in conn.exec_driver_sql(SEEN_SQL, params)}
+
+
+def _submit_group(conn: Connection, group: list[_New]) -> list[tuple[_New, Any]]:
+    """One account's new jobs in the caller's transaction; raises _Refused (rolling it back)
+    when the ledger refuses a hold."""
     statements = [
         submission_pg.submit_params(
             n.values,
@@ -221,7 +237,7 @@ def _submit_batch(conn: Connection, batch: list[_New]) -> tuple[list[tuple[_New,
             n.values["created_at"],
             enqueue=(n.task, family_for(n.task).queue),
         )
-        for n in new
+        for n in group
     ]
     driver = conn.connection.driver_connection
     assert driver is not None
@@ -233,10 +249,10 @@ def _submit_batch(conn: Connection, batch: list[_New]) -> tuple[list[tuple[_New,
             rows.append(cur.fetchone())
             if not cur.nextset():
                 break
-    if len(rows) != len(new):
-        raise AssertionError(f"batch submit answered {len(rows)} rows for {len(new)} jobs")
+    if len(rows) != len(group):
+        raise AssertionError(f"batch submit answered {len(rows)} rows for {len(group)} jobs")
     refused, taken = [], []
-    for n, row in zip(new, rows, strict=True):
+    for n, row in zip(group, rows, strict=True):
         try:
             job, has_alert = submission_pg.submitted_row(row, n.values)
         except BillingError:
@@ -249,4 +265,4 @@ def _submit_batch(conn: Connection, batch: list[_New]) -> tuple[list[tuple[_New,
         if has_alert:
             v = n.values
             alerts.check(conn, v["account_id"], v["credit_kind"], v["created_at"], v["id"])
-    return [(n, job) for n, job, _ in taken], [batch[p].index for p in sorted(seen)]
+    return [(n, job) for n, job, _ in taken]
