@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     # then waits for half of the extra to be free and sends several jobs at once.
     sched_buffer_lookahead_s: float = Field(default=0.05, ge=0, le=10)
     sched_slot_buffer_max_per_worker: int = Field(default=16, ge=0, le=256)
+    # A worker process's dispatch passes after its jobs' ends start at most this often, so
+    # the ends of short jobs share a pass (the buffer above covers the wait).
+    sched_worker_pass_interval_s: float = Field(default=0.05, ge=0, le=5)
     # Workers announce their slots with this expiry, refreshed every third of it.
     worker_slots_ttl_s: float = Field(default=15.0, ge=1, le=600)
     # The periodic dispatcher (beat) and the most jobs one call dispatches per queue.

@@ -22,6 +22,7 @@ from orchestrator.faults import dependency_of
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.nudger import Nudger
 from orchestrator.scheduling.slots import record_run
+from orchestrator.settings import get_settings
 from orchestrator.storage import get_storage
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ def post_job_nudger() -> Nudger:
     never shares its parent's lock, queue or thread."""
     global _nudger, _nudger_pid
     if _nudger is None or _nudger_pid != os.getpid():
-        _nudger, _nudger_pid = Nudger(get_engine, get_publisher), os.getpid()
+        interval_s = get_settings().sched_worker_pass_interval_s
+        _nudger = Nudger(get_engine, get_publisher, pass_interval_s=interval_s)
+        _nudger_pid = os.getpid()
     return _nudger
 
 

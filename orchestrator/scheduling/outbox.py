@@ -21,19 +21,24 @@ log = logging.getLogger(__name__)
 
 TOPICS: Final = ("dispatch", "event", "callback")
 RELAY_BATCH_MAX: Final = 200
-# The fast path's statements on PostgreSQL, as plain driver SQL (pyformat, as psycopg takes
-# it): no statement building per call. Marking the rows, moving dispatched jobs on and
-# letting the commit skip the WAL flush wait is one statement (data-modifying CTEs always
-# run; the setting applies to this transaction's COMMIT).
-PG_PICK_SQL: Final = (
-    "SELECT id, topic, job_id, payload FROM outbox WHERE published_at IS NULL"
-    " AND job_id = ANY(%(jobs)s) ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+# The fast path on PostgreSQL, as plain driver SQL (pyformat, as psycopg takes it): ONE
+# statement claims a job's unpublished rows and marks them published (its transaction then
+# publishes them, and takes the marks of any it could not send back before COMMIT: a crash
+# before COMMIT undoes every mark). It also lets the COMMIT skip the WAL flush wait: a
+# mark lost to a server crash only means sending the message again.
+PG_CLAIM_SQL: Final = (
+    "WITH picked AS (SELECT id FROM outbox WHERE published_at IS NULL"
+    " AND job_id = ANY(%(jobs)s) ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
+    " marked AS (UPDATE outbox AS o SET published_at = %(now)s FROM picked"
+    " WHERE o.id = picked.id RETURNING o.id, o.topic, o.job_id, o.payload),"
+    " relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS v)"
+    " SELECT marked.* FROM marked, relaxed ORDER BY marked.id"
 )
-PG_MARK_SQL: Final = (
-    "WITH marked AS (UPDATE outbox SET published_at = %(now)s WHERE id = ANY(%(ids)s)),"
-    " moved AS (UPDATE jobs SET status = 'dispatched', updated_at = %(now)s"
-    " WHERE id = ANY(%(dispatched)s) AND status = 'queued')"
-    " SELECT set_config('synchronous_commit', 'off', true)"
+PG_UNMARK_SQL: Final = "UPDATE outbox SET published_at = NULL WHERE id = ANY(%(ids)s)"
+# Jobs whose dispatch task went out move from `queued` to `dispatched`.
+PG_MOVE_SQL: Final = (
+    "UPDATE jobs SET status = 'dispatched', updated_at = %(now)s"
+    " WHERE id = ANY(%(dispatched)s) AND status = 'queued'"
 )
 
 Publisher = Callable[[str, dict[str, Any]], None]
@@ -138,32 +143,35 @@ def relay_in(
 ) -> int:
     """Publish `job_ids`' unpublished rows in the caller's transaction (the relay's fast
     path, and the dispatch transaction's); how many were marked published. On PostgreSQL
-    two fixed statements, the mark also letting the COMMIT skip the WAL flush wait."""
-    pg = conn.dialect.name == "postgresql"
-    if pg:
-        rows = conn.exec_driver_sql(PG_PICK_SQL, {"jobs": list(job_ids), "limit": limit}).all()
-    else:
-        rows = conn.execute(
-            select(outbox)
-            .where(outbox.c.published_at.is_(None), outbox.c.job_id.in_(job_ids))
-            .order_by(outbox.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).all()
+    one fixed statement claims and marks them (PG_CLAIM_SQL)."""
+    if conn.dialect.name == "postgresql":
+        return _relay_in_pg(conn, publish, job_ids, limit)
+    rows = conn.execute(
+        select(outbox)
+        .where(outbox.c.published_at.is_(None), outbox.c.job_id.in_(job_ids))
+        .order_by(outbox.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
     sent = publish_rows(publish, rows)
     if sent:
-        (mark_sent_pg if pg else mark_sent)(conn, sent, utcnow())
+        mark_sent(conn, sent, utcnow())
     return len(sent)
 
 
-def mark_sent_pg(conn: Connection, rows: Sequence[Any], now: datetime) -> None:
-    """`mark_sent` on PostgreSQL in one fixed statement, which also lets this transaction's
-    COMMIT skip the WAL flush wait (published marks are safe to lose)."""
-    dispatched = sorted({r.job_id for r in rows if r.topic == "dispatch"})
-    naive = now.astimezone(UTC).replace(tzinfo=None)  # naive UTC, as the columns store
-    conn.exec_driver_sql(
-        PG_MARK_SQL, {"now": naive, "ids": [r.id for r in rows], "dispatched": dispatched}
-    )
+def _relay_in_pg(conn: Connection, publish: Publisher, job_ids: Sequence[str], limit: int) -> int:
+    now = utcnow().astimezone(UTC).replace(tzinfo=None)  # naive UTC, as the columns store
+    params = {"jobs": list(job_ids), "limit": limit, "now": now}
+    rows = conn.exec_driver_sql(PG_CLAIM_SQL, params).all()
+    if not rows:
+        return 0
+    sent = publish_rows(publish, rows)
+    if len(sent) < len(rows):
+        conn.exec_driver_sql(PG_UNMARK_SQL, {"ids": [r.id for r in rows[len(sent) :]]})
+    dispatched = sorted({r.job_id for r in sent if r.topic == "dispatch"})
+    if dispatched:
+        conn.exec_driver_sql(PG_MOVE_SQL, {"now": now, "dispatched": dispatched})
+    return len(sent)
 
 
 def relay_quietly(engine: Engine, publish: Publisher, job_id: str | list[str]) -> None:
