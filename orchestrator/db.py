@@ -25,6 +25,14 @@ def get_engine() -> Engine:
     return engine_for(get_settings().database_url)
 
 
+@lru_cache(maxsize=8)
+def single_statements(engine: Engine) -> Engine:
+    """`engine` with each statement its own transaction (autocommit): a transaction of ONE
+    statement then costs one round trip, not BEGIN, the statement and COMMIT. Only for
+    statements that are atomic on their own (one PL/pgSQL call)."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def alembic_config(url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))

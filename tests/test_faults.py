@@ -164,7 +164,8 @@ def test_begin_and_finish_after_lost_commit_answers_apply_once(
     account = new_account(pg_engine)
     grant(pg_engine, account, 10)
     job_id = jobs.submit(pg_engine, storage, account, dict(SPEC)).job["id"]
-    pg_proxy.lose_next_answer(b"COMMIT")
+    # begin's call is a transaction of its own (autocommit): the answer lost is the call's.
+    pg_proxy.lose_next_answer(b"tollgate_job_begin")
     attempt = execution.begin(proxied_engine, job_id, "w1")
     assert attempt is not None and attempt.number == 1  # not taken over by its own rerun
     ctx = execution.RunContext(proxied_engine, storage, attempt)

@@ -4,8 +4,9 @@ On PostgreSQL the usual case (a dispatched plain job with no webhook and no inpu
 one call of the PL/pgSQL function `tollgate_job_begin` (migration 0011): it locks the job,
 takes it, records the attempt and the `running` event, exactly as the Python path below
 does, and returns nothing when the job needs that path (a takeover, a cancel, too many
-attempts, a webhook to queue, an input image, a rerun). The Python path then runs in the
-same transaction, under the lock the function took.
+attempts, a webhook to queue, an input image, a rerun). The call is a transaction of its
+own (autocommit: one round trip, not BEGIN, the call and COMMIT); the Python path then
+runs in a new transaction, under its own lock.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy import Connection, Engine, select
 
 from billing.clock import utcnow
 from billing.db import run_transaction
-from orchestrator.db import commit_without_flush_wait
+from orchestrator.db import commit_without_flush_wait, single_statements
 from orchestrator.errors import OrchestratorError
 from orchestrator.execution import leases
 from orchestrator.execution.attempt import (
@@ -51,16 +52,24 @@ _PG_BEGIN_SQL: Final = (
 def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) -> Attempt | None:
     """Take the job for this delivery, or return None when there is nothing to run."""
     token = secrets.token_hex(16)  # chosen once, so a rerun can recognise its own take
-
-    def work(conn: Connection) -> Attempt | None:
-        if phase is JOB_PHASE and conn.dialect.name == "postgresql":
-            taken = _begin_pg(conn, job_id, token, worker)
-            if taken is not None:
-                return taken
-        return _begin(conn, job_id, token, worker, phase)
-
+    if phase is JOB_PHASE and engine.dialect.name == "postgresql":
+        # The function call is a transaction of its own (one round trip). When it takes
+        # nothing (the job needs the Python path, or this is a rerun after a lost answer:
+        # the job is then running under this token), the Python path runs in a new
+        # transaction under its own lock.
+        taken = run_transaction(
+            single_statements(engine),
+            lambda conn: _begin_pg(conn, job_id, token, worker),
+            attempts_max=STEP_ATTEMPTS_MAX,
+            budget_s=BEGIN_RETRY_BUDGET_S,
+        )
+        if taken is not None:
+            return taken
     return run_transaction(
-        engine, work, attempts_max=STEP_ATTEMPTS_MAX, budget_s=BEGIN_RETRY_BUDGET_S
+        engine,
+        lambda conn: _begin(conn, job_id, token, worker, phase),
+        attempts_max=STEP_ATTEMPTS_MAX,
+        budget_s=BEGIN_RETRY_BUDGET_S,
     )
 
 
