@@ -82,6 +82,17 @@ def _status(engine: Engine, job_id: str) -> str:
     )
 
 
+def _cancel(engine: Engine, job_id: str) -> None:
+    """Leave nothing for a later test's dispatcher on the shared database."""
+    account = run_transaction(
+        engine,
+        lambda c: c.execute(
+            select(jobs_table.c.account_id).where(jobs_table.c.id == job_id)
+        ).scalar_one(),
+    )
+    jobs.cancel(engine, account, job_id)
+
+
 def test_each_row_is_published_once_in_order(any_engine: Engine, storage: Storage) -> None:
     job_id = _job_with_messages(any_engine, storage)
     publish = Recorder()
@@ -93,6 +104,7 @@ def test_each_row_is_published_once_in_order(any_engine: Engine, storage: Storag
     assert publish.sent[0][1]["status"] == "queued"
     assert _unpublished(any_engine, job_id) == []
     assert _status(any_engine, job_id) == "dispatched"
+    _cancel(any_engine, job_id)
 
 
 def test_what_a_failed_publish_left_stays_for_the_re_publisher(
@@ -109,3 +121,4 @@ def test_what_a_failed_publish_left_stays_for_the_re_publisher(
     assert outbox.relay(any_engine, publish, job_id=job_id) == 2
     assert [t for t, _ in publish.sent] == ["event", "dispatch", "event"]
     assert _status(any_engine, job_id) == "dispatched"
+    _cancel(any_engine, job_id)

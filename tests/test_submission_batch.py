@@ -4,12 +4,14 @@ same errors, rejections and replays, and no request changes another's outcome.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
 
 from billing import InvalidJobSpec, UnknownAccount
+from billing.clock import utcnow
 from billing.db import run_transaction
 from billing.tables import holds
 from billing.verify import verify
@@ -24,6 +26,24 @@ from tests.ledger_helpers import available, grant, new_account
 from tests.test_submit_paths import HOOK_URL, SPEC, _effects
 
 PRICE = 3  # SPEC: three images
+
+
+@pytest.fixture(autouse=True)
+def _cancel_afterwards(pg_engine: Engine) -> Iterator[None]:
+    """Cancel (and refund) the jobs a test left queued: a later test's worker on the shared
+    database would otherwise be dispatched them."""
+    started = utcnow()
+    yield
+    left = run_transaction(
+        pg_engine,
+        lambda c: c.execute(
+            select(jobs_table.c.account_id, jobs_table.c.id).where(
+                jobs_table.c.created_at >= started, jobs_table.c.status == "queued"
+            )
+        ).all(),
+    )
+    for account, job_id in left:
+        jobs.cancel(pg_engine, account, job_id)
 
 
 def _request(account: str, job_id: str, key: str | None, **spec: Any) -> Request:

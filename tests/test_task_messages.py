@@ -212,4 +212,6 @@ def test_a_worker_runs_a_job_the_fast_path_dispatched(
     spec = {"type": "txt2img", "prompt": "a lighthouse", "width": 512, "height": 512}
     job_id = submit(pg_engine, storage, redis_url, account, {**spec, "steps": 20})
     assert wait_terminal(pg_engine, job_id).status == "succeeded"
-    assert [e["body"]["uuid"] for e in sent_events(1)] == [job_id]
+    # Its task-sent event went out (with those of jobs earlier tests left queued, which the
+    # same pass may dispatch: the database is shared).
+    assert job_id in [e["body"]["uuid"] for e in sent_events(100, timeout_s=1.0)]
