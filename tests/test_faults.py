@@ -23,7 +23,7 @@ from orchestrator import faults
 from orchestrator.execution import protocol as execution
 from orchestrator.ingress.intake import Consumer
 from orchestrator.jobs import service as jobs
-from orchestrator.jobs import states
+from orchestrator.jobs import states, submission_batch
 from orchestrator.storage import Storage
 from orchestrator.tables import job_results
 from orchestrator.tables import jobs as jobs_table
@@ -144,6 +144,28 @@ def test_submit_after_a_lost_commit_answer_finds_its_own_job(
     hold = run_transaction(pg_engine, lambda c: ledger.get_hold(c, submitted.job["id"]))
     assert hold is not None and hold.amount == 2
     jobs.cancel(pg_engine, account, submitted.job["id"])  # leave nothing held
+
+
+def test_a_batch_after_a_lost_commit_answer_finds_its_own_jobs(
+    pg_engine: Engine, proxied_engine: Engine, pg_proxy: TcpProxy, storage: Storage
+) -> None:
+    account = new_account(pg_engine)
+    grant(pg_engine, account, 10)
+    requests = [
+        submission_batch.Request(account, dict(SPEC), f"job_lost{i}_{account}", f"lost-{i}")
+        for i in range(3)
+    ]
+    pg_proxy.lose_next_answer(b"COMMIT")  # the account's transaction: its answer is lost
+    outcomes = submission_batch.submit_many(proxied_engine, storage, requests)
+    assert pg_proxy.answers_lost == 1
+    assert [o.job["id"] for o in outcomes if isinstance(o, jobs.Submitted)] == [
+        r.job_id for r in requests
+    ]
+    assert _job_rows(pg_engine, account) == 3
+    held = run_transaction(pg_engine, lambda c: ledger.get_balance(c, account, "image"))
+    assert held.held == 3 * 2  # each job held once
+    for r in requests:
+        jobs.cancel(pg_engine, account, r.job_id)  # leave nothing held
 
 
 def test_a_rejection_after_a_lost_commit_answer_is_recorded_once(

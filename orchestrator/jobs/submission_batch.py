@@ -33,6 +33,7 @@ from sqlalchemy import Connection, Engine
 from billing import BillingError, ledger
 from billing.clock import utcnow
 from billing.db import is_transient, run_transaction
+from orchestrator.db import single_statements
 from orchestrator.errors import OrchestratorError
 from orchestrator.jobs import kinds, specs, submission_pg, webhooks
 from orchestrator.jobs import service as jobs
@@ -81,7 +82,8 @@ class _New:
 
 
 class _Refused(OrchestratorError):
-    """A hold of the batch was refused: rerun the batch without these requests."""
+    """Requests an account's transaction cannot take (a refused hold; on a rerun, a job it
+    already inserted): roll it back and run it again without them."""
 
     def __init__(self, indexes: list[int]) -> None:
         super().__init__(f"{len(indexes)} holds refused")
@@ -113,7 +115,7 @@ def _submit_chunk(
     batch = _batchable(engine, requests, chunk)
     alone = [i for i in chunk if i not in {n.index for n in batch}]
     if batch:
-        seen = run_transaction(engine, partial(_seen, batch=batch))
+        seen = run_transaction(single_statements(engine), partial(_seen, batch=batch))
         alone += [n.index for n in batch if n.index in seen]
         batch = [n for n in batch if n.index not in seen]
     for group in _by_account(batch):
@@ -121,7 +123,8 @@ def _submit_chunk(
             if not group:
                 break
             try:
-                taken = run_transaction(engine, partial(_submit_group, group=group))
+                tries = [0]
+                taken = run_transaction(engine, partial(_submit_group, group=group, tries=tries))
             except _Refused as refused:
                 alone += refused.indexes
                 group = [n for n in group if n.index not in refused.indexes]
@@ -167,7 +170,7 @@ def _submit_alone(engine: Engine, storage: Storage, r: Request) -> Outcome:
 
 
 def _batchable(engine: Engine, requests: Sequence[Request], chunk: list[int]) -> list[_New]:
-    """The chunk's plain new jobs, priced, in account order (the rest go alone)."""
+    """The chunk's plain new jobs, priced, in order (the rest go alone)."""
     if engine.dialect.name != "postgresql":
         return []
     out: list[_New] = []
@@ -226,9 +229,16 @@ def _seen(conn: Connection, batch: list[_New]) -> set[int]:
     return {batch[int(r[0]) - 1].index for r in conn.exec_driver_sql(SEEN_SQL, params)}
 
 
-def _submit_group(conn: Connection, group: list[_New]) -> list[tuple[_New, Any]]:
+def _submit_group(conn: Connection, group: list[_New], tries: list[int]) -> list[tuple[_New, Any]]:
     """One account's new jobs in the caller's transaction; raises _Refused (rolling it back)
-    when the ledger refuses a hold."""
+    when the ledger refuses a hold. A rerun (after a conflict, or a COMMIT whose answer was
+    lost) first looks for the jobs an earlier try inserted: those go alone, and find
+    themselves there."""
+    tries[0] += 1
+    if tries[0] > 1:
+        again = _seen(conn, group)
+        if again:
+            raise _Refused(sorted(again))
     statements = [
         submission_pg.submit_params(
             n.values,
