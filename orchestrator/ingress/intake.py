@@ -2,9 +2,10 @@
 
 Clients `XADD tollgate:jobs * job '<json>'` with
 `{"account_id": ..., "idempotency_key": ..., "spec": {...}, "callback_url": optional}`.
-Each message is parsed, submitted (price, hold, job row, outbox) and relayed; then the intake
-appends an `accepted` event to `tollgate:events` (job_id, job_status, idempotency_key,
-message_id) and acknowledges the message.
+Each message is parsed, submitted (price, hold, job row, outbox: a round's messages in one
+transaction per account, each with its own outcome; orchestrator.jobs.submission_batch) and
+relayed; then the intake appends an `accepted` event to `tollgate:events` (job_id,
+job_status, idempotency_key, message_id) and acknowledges the message.
 
 Delivery is at least once, and duplicate processing is harmless: submit is idempotent on the
 message's idempotency key. A message without a key gets one derived from its stream message
