@@ -45,13 +45,11 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import cpu, pg_profile  # noqa: E402
-from bench.bench_env import bench_secrets  # noqa: E402
+from bench.bench_env import bench_secrets, funded_accounts  # noqa: E402
 from bench.cpu import CLOCK_TICKS_PER_S  # noqa: E402
 from bench.ledger import bench_database, libpq_url  # noqa: E402
 from bench.lifecycle import ADMIN_URL, spawn, wait_log  # noqa: E402
-from billing import ledger  # noqa: E402
-from billing.db import make_engine, run_transaction  # noqa: E402
-from orchestrator import accounts  # noqa: E402
+from billing.db import make_engine  # noqa: E402
 from orchestrator.standalone import free_port  # noqa: E402
 
 BODY = '{"type": "txt2img", "prompt": "bench", "steps": 20}'
@@ -336,14 +334,7 @@ def main() -> None:
         }
         os.environ.update({k: v for k, v in env.items() if k.startswith("TOLLGATE_")})
         engine = make_engine(db_url)
-        created = [accounts.create_account(engine, "bench", "business") for _ in range(n_accounts)]
-        for acct in created:
-            run_transaction(
-                engine,
-                lambda c, a=acct: ledger.grant(
-                    c, a.id, "image", 10_000_000, source="adjustment", reference=f"b-{a.id}"
-                ),
-            )
+        created = funded_accounts(engine, n_accounts, 10_000_000)
         new = created[0]
         our_keys = [a.api_key for a in created]
         ours_port, base_port = free_port(), free_port()

@@ -42,12 +42,10 @@ from sqlalchemy import func, select
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import cpu, pg_profile  # noqa: E402
-from bench.bench_env import bench_secrets  # noqa: E402
+from bench.bench_env import bench_secrets, funded_accounts  # noqa: E402
 from bench.ledger import bench_database  # noqa: E402
 from bench.soak.processes import wait_port  # noqa: E402
-from billing import ledger  # noqa: E402
 from billing.db import make_engine, run_transaction  # noqa: E402
-from orchestrator import accounts  # noqa: E402
 from orchestrator.jobs.states import TERMINAL  # noqa: E402
 from orchestrator.standalone import free_port, redis_server_binary  # noqa: E402
 from orchestrator.tables import jobs  # noqa: E402
@@ -213,16 +211,7 @@ def measure(args: argparse.Namespace, n: int, logs: Path, redis_url: str) -> Mea
         }
         os.environ.update({k: v for k, v in env.items() if k.startswith("TOLLGATE_")})
         engine = make_engine(db_url)
-        created = [
-            accounts.create_account(engine, "bench", "business") for _ in range(args.accounts)
-        ]
-        for acct in created:
-            run_transaction(
-                engine,
-                lambda c, a=acct: ledger.grant(
-                    c, a.id, "image", 1_000_000, source="adjustment", reference=f"bench-{a.id}"
-                ),
-            )
+        created = funded_accounts(engine, args.accounts, 1_000_000)
         new = created[0]
         api_port = free_port()
         procs = [
