@@ -147,10 +147,6 @@ def new_job_values(
 
 
 def queued_event(values: dict[str, Any]) -> dict[str, Any]:
-    return _queued_event(values)
-
-
-def _queued_event(values: dict[str, Any]) -> dict[str, Any]:
     """records.event_payload of the row `values` inserts (charged and refunded start at 0)."""
     return {
         "job_id": values["id"],
@@ -293,7 +289,7 @@ def submit(
                 conn,
                 values,
                 ttl_s,
-                _queued_event(values),
+                queued_event(values),
                 now,
                 enqueue=(task, family_for(task).queue) if enqueued else None,
             )
