@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -159,6 +160,34 @@ def test_a_lost_heartbeat_stops_the_runner_at_its_next_step(
         beat.stop()
     execution.finish(pg_engine, taker, "failed", "test over")
     assert outcomes(jobs.get(pg_engine, account, job_id)) == [(1, "lease_expired"), (2, "failed")]
+
+
+def test_a_process_renews_all_its_leases_on_one_thread(
+    pg_engine: Engine, storage: Storage, account: str
+) -> None:
+    ids = [jobs.submit(pg_engine, storage, account, txt2img("ok")).job["id"] for _ in range(3)]
+    attempts = [execution.begin(pg_engine, job_id, "worker-a") for job_id in ids]
+    assert all(a is not None for a in attempts)
+    expiry = {job_id: row(pg_engine, job_id).lease_expires_at for job_id in ids}
+    beats = [
+        Heartbeat(pg_engine, a.job_id, a.token, interval_s=0.05).start()
+        for a in attempts
+        if a is not None
+    ]
+    try:
+        for job_id in ids:
+            wait_until(pg_engine, job_id, lambda r, j=job_id: r.lease_expires_at > expiry[j])
+        renewers = [t for t in threading.enumerate() if t.name == "lease-renewer"]
+        assert len(renewers) == 1  # not a thread per job
+    finally:
+        for beat in beats:
+            beat.stop()
+    counts = [b.renewals for b in beats]
+    time.sleep(0.3)  # stopped: no renewal after (one under way may still land)
+    assert all(b.renewals - c <= 1 for b, c in zip(beats, counts, strict=True))
+    for a in attempts:
+        assert a is not None
+        execution.finish(pg_engine, a, "failed", "test over")
 
 
 def test_attempts_exhausted_fail_and_refund(

@@ -13,7 +13,7 @@ from billing.db import run_transaction
 from orchestrator.jobs import service as jobs
 from orchestrator.scheduling import scheduler
 from orchestrator.scheduling.dispatch import Publisher
-from orchestrator.scheduling.nudger import Nudger
+from orchestrator.scheduling.nudger import CHORES_MAX, Nudger
 from orchestrator.storage import Storage
 from orchestrator.tables import outbox
 from tests.intake_helpers import TXT2IMG
@@ -103,4 +103,37 @@ def test_a_relay_only_poke_waits_one_interval_and_joins_a_dispatch_pass() -> Non
     nudger.relay("job_long")  # a long job: relayed alone, an interval later
     assert done.wait(10) and nudger.flush(10)
     assert passes[1:] == [("relay", ["job_long"])]
+    nudger.stop()
+
+
+def test_deferred_chores_run_on_the_thread_before_the_next_pass_and_are_bounded() -> None:
+    order: list[str] = []
+    caller = threading.get_ident()
+    threads: set[int] = set()
+
+    def nudge(_e: Any, _p: Any, ids: list[str]) -> None:
+        order.append(f"pass {ids}")
+
+    def chore(name: str) -> Any:
+        def run() -> None:
+            threads.add(threading.get_ident())
+            order.append(name)
+            if name == "broken":
+                raise RuntimeError("a metric's store is down")
+
+        return run
+
+    nudger = Nudger(lambda: None, lambda: None, nudge=nudge)
+    nudger.defer(chore("broken"))  # a failing chore is logged; the rest still run
+    nudger.defer(chore("record run"))
+    nudger.poke("job_a")
+    assert nudger.flush(10)
+    assert order == ["broken", "record run", "pass ['job_a']"]
+    assert threads and caller not in threads  # off the caller's thread
+    for _ in range(CHORES_MAX + 3):  # no pass meanwhile: the list fills up
+        nudger.defer(chore("late"))
+    assert nudger.dropped_chores == 3
+    nudger.poke("job_b")
+    assert nudger.flush(10)
+    assert order.count("late") == CHORES_MAX and order[-1] == "pass ['job_b']"
     nudger.stop()

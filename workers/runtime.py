@@ -128,10 +128,12 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
         raise task.retry(
             exc=exc, countdown=FAULT_RETRY_COUNTDOWN_S, max_retries=FAULT_RETRIES_MAX
         ) from exc
+    nudger = post_job_nudger()
     if result.get("status") != "skipped":
-        with contextlib.suppress(Exception):  # an estimate for queue ETAs only
-            record_run(publisher.redis, job_type, time.monotonic() - started)
+        # An estimate for queue ETAs and dispatch buffers only: sent on the nudger's thread.
+        run_s = time.monotonic() - started
+        nudger.defer(lambda: record_run(publisher.redis, job_type, run_s))
     # A slot is free: dispatch the next job and relay this one's outbox rows, on this
     # process's nudger thread, so the task returns (and is acked) without waiting for them.
-    post_job_nudger().poke(job_id)
+    nudger.poke(job_id)
     return result

@@ -30,6 +30,7 @@ PASS_IDS_MAX: Final = 64  # job ids one pass relays (the relay reads at most 200
 # a few ms against a GPU job's seconds).
 PASS_INTERVAL_S: Final = 0.02
 STOP_TIMEOUT_S: Final = 10.0
+CHORES_MAX: Final = 64  # deferred calls waiting for the thread; beyond, dropped (metrics)
 
 Nudge = Callable[[Engine, Any, list[str]], Any]
 Relay = Callable[[Engine, Any, list[str]], Any]
@@ -68,8 +69,10 @@ class Nudger:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._chores: list[Callable[[], Any]] = []
         self.passes = 0
         self.dropped = 0  # ids not queued (full): beat dispatches and relays them
+        self.dropped_chores = 0
 
     def poke(self, job_ids: str | Iterable[str] = ()) -> None:
         """Ask for a pass covering `job_ids` (and a dispatch pass in any case)."""
@@ -80,6 +83,24 @@ class Nudger:
         it waits up to one pass interval, so a job's end that follows its start within it
         (a short job) shares one pass, with one relay transaction for both."""
         self._ask(job_ids, dispatch=False)
+
+    def defer(self, chore: Callable[[], Any]) -> None:
+        """Run `chore` on this nudger's thread before its next pass, off the caller's path
+        (best effort, for estimates and metrics: a failure is logged, a full list drops it)."""
+        with self._lock:
+            if self._stopping or len(self._chores) >= CHORES_MAX:
+                self.dropped_chores += 1
+                return
+            self._chores.append(chore)
+
+    def _run_chores(self) -> None:
+        with self._lock:
+            chores, self._chores = self._chores, []
+        for chore in chores:
+            try:
+                chore()
+            except Exception:
+                log.debug("deferred chore failed", exc_info=True)
 
     def _ask(self, job_ids: str | Iterable[str], *, dispatch: bool) -> None:
         ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
@@ -140,6 +161,7 @@ class Nudger:
     def _run(self) -> None:
         while (work := self._next()) is not None:
             ids, dispatch = work
+            self._run_chores()
             try:
                 if dispatch:
                     self._nudge(self._engine(), self._publish(), ids)
