@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     # A worker process's dispatch passes after its jobs' ends start at most this often, so
     # the ends of short jobs share a pass (the buffer above covers the wait).
     sched_worker_pass_interval_s: float = Field(default=0.05, ge=0, le=5)
+    # The API's: its submits' dispatch and relay (one pass for the submits of an interval).
+    sched_api_pass_interval_s: float = Field(default=0.05, ge=0, le=5)
     # Workers announce their slots with this expiry, refreshed every third of it.
     worker_slots_ttl_s: float = Field(default=15.0, ge=1, le=600)
     # The periodic dispatcher (beat) and the most jobs one call dispatches per queue.

@@ -185,7 +185,9 @@ def create_app() -> FastAPI:
     )
     settings = get_settings()
     app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s, settings.api_key_cache_max)
-    app.state.nudger = Nudger(db.get_engine, get_publisher)
+    app.state.nudger = Nudger(
+        db.get_engine, get_publisher, pass_interval_s=settings.sched_api_pass_interval_s
+    )
     # A queued job's {position, eta_s}: the fair order's position is worth a second's age.
     app.state.queue_positions = TtlCache[dict[str, Any]](QUEUE_POSITION_TTL_S, 10_000)
     install_docs(app)
