@@ -46,9 +46,12 @@ def signer(storage: Storage, base: str, now_s: float | None = None) -> OutputSig
     secret = get_settings().output_url_secret
 
     def sign(job_id: str, index: int, key: str) -> tuple[str, datetime]:
+        # The store's URL expires ttl_s after it is signed: read the clock right before (a
+        # store's first signature can take a while, making its client), never after.
+        signed_s = time.time() if now_s is None else now_s
         presigned = storage.presigned_get(key, ttl_s)
         if presigned is not None:
-            return presigned, at
+            return presigned, datetime.fromtimestamp(int(signed_s) + ttl_s, UTC)
         sig = signature(secret, job_id, index, expires)
         return f"{base}/v1/outputs/{job_id}/{index}?expires={expires}&sig={sig}", at
 
