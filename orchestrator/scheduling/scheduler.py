@@ -300,11 +300,14 @@ def _pool_transaction(
     sent: set[str],
     relay_ids: list[str],
 ) -> Dispatched:
-    done = _dispatch_pool(conn, pool=pool, limit=limit, publish=publish, sent=sent)
+    # The relay first: the dispatch's locks (the queue rows, the picked flows' rows, which a
+    # job's finish and a submit also update) are then held for the dispatch alone.
+    marked = False
     if relay_ids and publish is not None:
         marked = outbox_relay.relay_in(conn, publish, relay_ids) > 0
-        if marked and not done.job_ids and conn.dialect.name != "postgresql":
-            commit_without_flush_wait(conn)  # published marks: safe to lose
+    done = _dispatch_pool(conn, pool=pool, limit=limit, publish=publish, sent=sent)
+    if marked and not done.job_ids and conn.dialect.name != "postgresql":
+        commit_without_flush_wait(conn)  # published marks: safe to lose
     return done
 
 
