@@ -7,6 +7,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -103,6 +104,26 @@ def redis_url() -> Iterator[str]:
             return
         client.close()
     raise RuntimeError("no free Redis database for this test session")
+
+
+@pytest.fixture
+def private_redis(redis_url: str) -> Iterator[Any]:
+    """A client on a Redis database of this test's own (taken like `redis_url`'s): slots a
+    worker of an earlier test announced in the session's database (they live up to
+    `worker_slots_ttl_s` after a killed worker) are not seen there."""
+    import redis
+
+    for db in range(1, REDIS_DB_COUNT):
+        client = redis.Redis.from_url(f"{REDIS_BASE_URL}/{db}", decode_responses=True)
+        if client.set(REDIS_LOCK_KEY, os.getpid(), nx=True, ex=REDIS_LOCK_TTL_S):
+            client.flushdb()
+            client.set(REDIS_LOCK_KEY, os.getpid(), ex=REDIS_LOCK_TTL_S)
+            yield client
+            client.flushdb()
+            client.close()
+            return
+        client.close()
+    raise RuntimeError("no free Redis database for this test")
 
 
 @pytest.fixture(scope="session")

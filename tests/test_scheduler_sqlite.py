@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import Engine, func, select
 
 from billing.db import run_transaction
@@ -27,9 +26,10 @@ SPEC = {"type": "txt2img", "prompt": "p", "steps": 20}
 
 
 @pytest.fixture
-def two_slots(redis_url: str) -> Iterator[Any]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    client.delete(slots.RUN_S_KEY)  # no run-time estimate: the base buffer (1 per worker)
+def two_slots(private_redis: Any) -> Iterator[Any]:
+    # A database of its own: only this fake worker's slots, no run-time estimate (so the
+    # base buffer, 1 per worker).
+    client = private_redis
     fake = slots.WorkerSlots("sqlite-test", ("gpu.txt2img",), 4)
     slots.announce(client, fake, ttl_s=120)
     yield client
@@ -114,13 +114,12 @@ def test_fair_order_caps_and_cancel_on_sqlite(
 
 
 def test_a_worker_on_two_queues_shares_its_slots(
-    sqlite_engine: Engine, storage: Storage, settings_env: None, redis_url: str
+    sqlite_engine: Engine, storage: Storage, settings_env: None, private_redis: Any
 ) -> None:
     from tests.test_scheduling_e2e import _png
 
     engine = sqlite_engine
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    client.delete(slots.RUN_S_KEY)  # no run-time estimate: the base buffer
+    client = private_redis  # only this worker's slots; no run-time estimate: the base buffer
     both = slots.WorkerSlots("sqlite-both", ("gpu.post", "gpu.txt2img"), 2)
     slots.announce(client, both, ttl_s=120)
     try:
