@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,10 @@ REDIS_LOCK_KEY = "tollgate:test-session-lock"
 REDIS_LOCK_TTL_S = 3600
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A Redis database number no other concurrent test session holds, flushed for us."""
+@contextmanager
+def _own_redis_db() -> Iterator[str]:
+    """The URL of a Redis database number no other holder has taken (a lock key in it),
+    flushed before and after."""
     import redis
 
     for db in range(1, REDIS_DB_COUNT):
@@ -98,12 +100,21 @@ def redis_url() -> Iterator[str]:
         if client.set(REDIS_LOCK_KEY, os.getpid(), nx=True, ex=REDIS_LOCK_TTL_S):
             client.flushdb()
             client.set(REDIS_LOCK_KEY, os.getpid(), ex=REDIS_LOCK_TTL_S)
-            yield f"{REDIS_BASE_URL}/{db}"
-            client.flushdb()
-            client.close()
+            try:
+                yield f"{REDIS_BASE_URL}/{db}"
+            finally:
+                client.flushdb()
+                client.close()
             return
         client.close()
-    raise RuntimeError("no free Redis database for this test session")
+    raise RuntimeError("no free Redis database")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis database number no other concurrent test session holds, flushed for us."""
+    with _own_redis_db() as url:
+        yield url
 
 
 @pytest.fixture
@@ -113,17 +124,10 @@ def private_redis(redis_url: str) -> Iterator[Any]:
     `worker_slots_ttl_s` after a killed worker) are not seen there."""
     import redis
 
-    for db in range(1, REDIS_DB_COUNT):
-        client = redis.Redis.from_url(f"{REDIS_BASE_URL}/{db}", decode_responses=True)
-        if client.set(REDIS_LOCK_KEY, os.getpid(), nx=True, ex=REDIS_LOCK_TTL_S):
-            client.flushdb()
-            client.set(REDIS_LOCK_KEY, os.getpid(), ex=REDIS_LOCK_TTL_S)
-            yield client
-            client.flushdb()
-            client.close()
-            return
+    with _own_redis_db() as url:
+        client = redis.Redis.from_url(url, decode_responses=True)
+        yield client
         client.close()
-    raise RuntimeError("no free Redis database for this test")
 
 
 @pytest.fixture(scope="session")

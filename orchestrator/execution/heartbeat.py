@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 HEARTBEATS_MAX: Final = 1024  # leases one process renews at once
 
 
-class ExecutionError(OrchestratorError):
-    """A limit of the worker's side of a lease."""
+class TooManyLeases(OrchestratorError):
+    """One process was asked to renew more than HEARTBEATS_MAX leases at once."""
 
 
 def renew(engine: Engine, job_id: str, token: str) -> bool:
@@ -112,7 +112,7 @@ class _Renewer:
     def add(self, beat: Heartbeat) -> None:
         with self._wake:
             if len(self._beats) >= HEARTBEATS_MAX:
-                raise ExecutionError(f"more than {HEARTBEATS_MAX} leases held in one process")
+                raise TooManyLeases(f"more than {HEARTBEATS_MAX} leases held in one process")
             self._beats[id(beat)] = beat
             self._wake.notify()
 
