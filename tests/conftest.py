@@ -118,7 +118,7 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def private_redis(redis_url: str) -> Iterator[Any]:
+def private_redis() -> Iterator[Any]:
     """A client on a Redis database of this test's own (taken like `redis_url`'s): slots a
     worker of an earlier test announced in the session's database (they live up to
     `worker_slots_ttl_s` after a killed worker) are not seen there."""
