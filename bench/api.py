@@ -25,12 +25,10 @@ Usage: python bench/api.py [--seconds 8] [--connections 4] [--rate 100] [--rate-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import secrets
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+from sqlalchemy import Engine, func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,15 +48,19 @@ from bench.bench_env import bench_secrets, funded_accounts  # noqa: E402
 from bench.cpu import CLOCK_TICKS_PER_S  # noqa: E402
 from bench.ledger import bench_database, libpq_url  # noqa: E402
 from bench.lifecycle import ADMIN_URL, spawn, wait_log  # noqa: E402
-from billing.db import make_engine  # noqa: E402
+from bench.open_loop import BODY, OPEN_LOOP_CONNECTIONS, open_loop  # noqa: E402
+from billing.db import make_engine, run_transaction  # noqa: E402
+from orchestrator.jobs.states import TERMINAL  # noqa: E402
+from orchestrator.scheduling.dispatch import Publisher  # noqa: E402
+from orchestrator.scheduling.scheduler import nudge  # noqa: E402
 from orchestrator.standalone import free_port  # noqa: E402
+from orchestrator.tables import jobs  # noqa: E402
 
-BODY = '{"type": "txt2img", "prompt": "bench", "steps": 20}'
 SECONDS_MAX = 30
+DRAIN_TIMEOUT_S = 300  # the capacity runs' backlog, run by the worker before the p99 part
 RATE_MAX = 500
 JSON = {"Content-Type": "application/json"}
 BASELINE_APP = "tollgate-bench-baseline"  # the baseline's PostgreSQL application_name
-OPEN_LOOP_CONNECTIONS = 32  # the generator's pool (each carries one request at a time)
 WORKER_QUEUES = "gpu.txt2img,gpu.post,tollgate.maintenance,tollgate.callbacks,celery"
 
 
@@ -156,91 +159,40 @@ class Server:
     baseline: bool
 
 
-def request_bytes(host: str, port: int, api_key: str) -> bytes:
-    """One `POST /v1/jobs` as sent on a keep-alive HTTP/1.1 connection (built once)."""
-    body = BODY.encode()
-    head = (
-        f"POST /v1/jobs HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+def unfinished(engine: Engine) -> int:
+    return int(
+        run_transaction(
+            engine,
+            lambda c: c.execute(
+                select(func.count()).select_from(jobs).where(jobs.c.status.not_in(TERMINAL))
+            ).scalar_one(),
+        )
     )
-    return head.encode() + body
 
 
-async def _answer(reader: asyncio.StreamReader) -> int:
-    """Read one HTTP/1.1 answer with a Content-Length body; its status code."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    length = 0
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    if length:
-        await reader.readexactly(length)
-    return int(lines[0].split()[1])
+def wait_drained(engine: Engine, redis_url: str, timeout_s: float) -> tuple[int, float]:
+    """Until no job is left to run (queued, dispatched or running): how many there were,
+    and how long the worker took. Each poll runs a dispatch pass, as beat's periodic
+    dispatcher would (none runs here: the jobs were queued before the worker's slots were
+    announced, and only a pass sends them). Raises past `timeout_s`."""
+    publish = Publisher(redis_url)
+    start, left = time.monotonic(), unfinished(engine)
+    first = left
+    while left:
+        if time.monotonic() - start > timeout_s:
+            raise RuntimeError(f"the worker left {left} of {first} jobs after {timeout_s:.0f} s")
+        nudge(engine, publish)
+        time.sleep(0.5)
+        left = unfinished(engine)
+    return first, time.monotonic() - start
 
 
-async def _open_loop(
-    host: str, port: int, api_key: str, rate: float, seconds: float, connections: int
-) -> tuple[list[float], list[int]]:
-    request = request_bytes(host, port, api_key)
-    free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-    for _ in range(connections):
-        free.put_nowait(await asyncio.open_connection(host, port))
-    latencies: list[float] = []
-    failures: list[int] = []
-    loop = asyncio.get_running_loop()
-
-    async def one(scheduled: float) -> None:
-        reader, writer = await free.get()  # a busy pool delays the send: it counts
-        try:
-            writer.write(request)
-            code = await _answer(reader)
-        finally:
-            free.put_nowait((reader, writer))
-        # From the request's scheduled send time: time waiting for a connection counts.
-        (latencies.append(loop.time() - scheduled) if code == 202 else failures.append(code))
-
-    tasks = []
-    start = loop.time() + 0.05
-    for i in range(int(rate * seconds)):
-        scheduled = start + i / rate
-        delay = scheduled - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(scheduled)))
-    await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
-    while not free.empty():
-        free.get_nowait()[1].close()
-    return latencies, failures
-
-
-@dataclass(frozen=True)
-class Latency:
-    accepted: int
-    p50_ms: float
-    p99_ms: float
-    client_cpu_ms: float  # the generator's own CPU per request
-
-
-def open_loop(
-    url: str, api_key: str, rate: float, seconds: float, connections: int = OPEN_LOOP_CONNECTIONS
-) -> Latency:
-    """POST at a fixed rate whatever the answers' timing (open loop): asyncio over a bounded
-    pool of keep-alive connections, the request's bytes built once, each latency measured
-    from the request's scheduled send time (so queueing, in the server or for a free
-    connection, counts). Raises if any answer was not 202."""
-    host, port = url.removeprefix("http://").split(":")
-    cpu0 = time.process_time()
-    latencies, failures = asyncio.run(
-        _open_loop(host, int(port), api_key, rate, seconds, connections)
-    )
-    cpu = time.process_time() - cpu0
-    if failures:
-        raise RuntimeError(f"{len(failures)} requests failed: {sorted(set(failures))}")
-    q = statistics.quantiles(latencies, n=100)
-    return Latency(len(latencies), q[49] * 1000, q[98] * 1000, 1000 * cpu / len(latencies))
+def vacuum(db_url: str) -> None:
+    """VACUUM ANALYZE the bench database: the shared server runs with autovacuum off, and a
+    deployment's autovacuum would have cleaned up after thousands of jobs by now (the hot
+    queue, flow and balance rows otherwise carry every dead version the runs left)."""
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
 
 
 def backend_cpu(db_url: str) -> dict[int, float]:
@@ -433,7 +385,10 @@ def main() -> None:
                 env,
                 logs / "worker.log",
             )
-            time.sleep(5)  # the worker drains the backlog the capacity runs left
+            # The capacity runs left thousands of jobs queued: measure once the worker has
+            # run them (it then runs the generator's own jobs), not while it drains them.
+            drained, drain_s = wait_drained(engine, redis_url, DRAIN_TIMEOUT_S)
+            vacuum(db_url)
             rate_s = min(args.rate_seconds, SECONDS_MAX)
             # This process's tree by group; the bench database's backends per pid (a group's
             # sum would lose a backend that closes during the run, and what it had spent).
@@ -500,6 +455,10 @@ def main() -> None:
                 f"{'  ' + what:<44}{ours_ms:>10.2f}{base_ms:>10.2f}"
                 f"{(base_ms / ours_ms if ours_ms else 0):>8.2f}"
             )
+    print(
+        f"before the p99 part the worker ran the {drained} jobs left, in {drain_s:.0f} s;"
+        " then VACUUM ANALYZE (autovacuum is off on this server)"
+    )
     runs = [("one process", lat)]
     if lat_multi is not None:
         runs.append((f"--workers {args.p99_workers}", lat_multi))
