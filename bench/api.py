@@ -14,7 +14,10 @@ the same run, on the same PostgreSQL server, driven by the same load generator (
    connection or in the server's queue counts). Measured for one API process, then (as a
    separate, labelled figure) for `tollgate api --workers N` (`--p99-workers`, default 2);
    the CPU per request of each process group (API, worker, PostgreSQL, the generator) is
-   printed with it.
+   printed with it. It starts once the worker has run the jobs the capacity runs left
+   (thousands: it would otherwise be draining them, in fair order ahead of the generator's
+   own jobs) and after a VACUUM ANALYZE: this server runs with autovacuum off, and a
+   deployment's would have cleaned up after those jobs by then.
 
 Both servers are one uvicorn process with the same log level and the same uvicorn stack
 (uvloop + httptools when installed: both pick them). Needs `wrk` (Debian).
