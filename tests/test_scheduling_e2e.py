@@ -4,7 +4,6 @@ killed mid-batch loses and duplicates nothing, concurrent dispatchers never doub
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -72,26 +71,9 @@ def test_the_worker_announces_its_slots(redis_url: str, worker: Any) -> None:
     assert mine and mine[0].concurrency == CONCURRENCY
 
 
-def _cancel_leftovers(engine: Engine, queue: str) -> None:
-    """Cancel the jobs earlier tests left waiting in `queue` on the shared database (a
-    leftover took a slot between the two accounts' jobs, and counted as a flood start)."""
-    left = run_transaction(
-        engine,
-        lambda c: c.execute(
-            select(dispatch_queue.c.job_id, dispatch_queue.c.account_id).where(
-                dispatch_queue.c.queue == queue
-            )
-        ).all(),
-    )
-    for job_id, account_id in left:
-        with contextlib.suppress(jobs.CannotCancel):  # it ended meanwhile
-            jobs.cancel(engine, account_id, job_id)
-
-
 def test_a_flood_does_not_delay_another_account(
     pg_engine: Engine, storage: Storage, redis_url: str, worker: Any
 ) -> None:
-    _cancel_leftovers(pg_engine, "gpu.txt2img")
     publisher = Publisher(redis_url)
     # Earlier tests' short jobs would size a larger buffer; these 0.2 s ones keep the base.
     redis.Redis.from_url(redis_url).delete(slots.RUN_S_KEY)

@@ -18,8 +18,8 @@ a flow's counters in SQL: orchestrator.scheduling.flows).
   are sent just before COMMIT and no outbox row is written for them (only for a task the
   pass could not send): no relay transaction; a COMMIT that then fails leaves a task
   whose job is still `queued`, which the worker takes as sent around the scheduler
-  (`taken`). Run after a submit, when a job ends (`nudge`) and every
-  `dispatch_interval_s` from beat, so nothing depends on a nudge.
+  (`taken`). Run after a submit, when a job
+  ends (`nudge`) and every `dispatch_interval_s` from beat, so nothing depends on a nudge.
   On PostgreSQL every statement of a pass is fixed driver SQL (nothing built per call).
 
 Capacity per worker: concurrency + a buffer (`slots.buffer_for`): the base
