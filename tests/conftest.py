@@ -27,8 +27,8 @@ def _pg_url_for(name: str) -> str:
     return f"{base}/{name}"
 
 
-@contextmanager
-def _new_pg_database() -> Iterator[str]:
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
     """A new PostgreSQL database, migrated to head; its ledger must verify clean at the end."""
     name = f"tollgate_test_{os.getpid()}_{secrets.token_hex(4)}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -43,23 +43,7 @@ def _new_pg_database() -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
-    assert problems == [], f"ledger verify after the workloads: {problems}"
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    with _new_pg_database() as url:
-        yield url
-
-
-@pytest.fixture
-def private_pg_engine() -> Iterator[Engine]:
-    """A database of this test's own (a second or two to create): for a test whose
-    dispatch pass must not take, and leave half-sent, the jobs other tests left queued."""
-    with _new_pg_database() as url:
-        engine = make_engine(url)
-        yield engine
-        engine.dispose()
+    assert problems == [], f"ledger verify after the suite's workloads: {problems}"
 
 
 @pytest.fixture(scope="session")
