@@ -13,7 +13,6 @@ from billing.clock import utcnow
 from billing.db import run_transaction
 from orchestrator.jobs import service as jobs
 from orchestrator.scheduling import outbox, scheduler, slots
-from orchestrator.scheduling.dispatch import Publisher
 from orchestrator.storage import Storage
 from orchestrator.tables import jobs as jobs_table
 from orchestrator.tables import outbox as outbox_table
@@ -124,18 +123,15 @@ def test_what_a_failed_publish_left_stays_for_the_re_publisher(
 
 
 class HalfPublisher:
-    """A nudge's publisher (with `many` and `redis`) whose Redis fails after `sends` tasks;
-    those it sends go out for real (`real`)."""
+    """A nudge's publisher (with `many` and `redis`) whose Redis fails after `sends` tasks."""
 
-    def __init__(self, redis: Any, real: Publisher, sends: int) -> None:
+    def __init__(self, redis: Any, sends: int) -> None:
         self.redis = redis
-        self.real = real
         self.sends = sends
         self.sent: list[dict[str, Any]] = []
 
     def many(self, messages: list[tuple[str, dict[str, Any]]]) -> int:
         done = messages[: max(0, self.sends - len(self.sent))]
-        assert self.real.many(done) == len(done)
         self.sent += [payload for _, payload in done]
         return len(done)
 
@@ -144,7 +140,7 @@ class HalfPublisher:
 
 
 def test_a_nudge_writes_outbox_rows_only_for_the_tasks_it_could_not_send(
-    pg_engine: Engine, storage: Storage, private_redis: Any, redis_url: str
+    pg_engine: Engine, storage: Storage, private_redis: Any
 ) -> None:
     worker = slots.WorkerSlots("announced-relay", ("gpu.txt2img",), 8)
     slots.announce(private_redis, worker, ttl_s=120)
@@ -153,14 +149,12 @@ def test_a_nudge_writes_outbox_rows_only_for_the_tasks_it_could_not_send(
     mine = [str(jobs.submit(pg_engine, storage, account, dict(SPEC)).job["id"]) for _ in range(3)]
     for job_id in mine:  # the queued events: sent and gone
         outbox.relay(pg_engine, Recorder(), job_id=job_id)
-    real = Publisher(redis_url)
-    publish = HalfPublisher(private_redis, real, sends=1)
-    dispatched: list[str] = []
+    publish = HalfPublisher(private_redis, sends=1)
     try:
         dispatched = scheduler.nudge(pg_engine, publish)
         sent = {p["job_id"] for p in publish.sent}
         picked = [j for j in mine if j in dispatched]
-        assert len(picked) == 3 and len(sent) == 1  # (an earlier test's jobs may be picked too)
+        assert len(picked) == 3 and len(sent) == 1  # (any earlier test's job may be picked too)
         for job_id in picked:
             topics = [r[1] for r in _rows(pg_engine, job_id)]
             assert topics == ([] if job_id in sent else ["dispatch"]), job_id
@@ -173,10 +167,5 @@ def test_a_nudge_writes_outbox_rows_only_for_the_tasks_it_could_not_send(
         assert all(_rows(pg_engine, j) == [] for j in mine)
     finally:
         slots.withdraw(private_redis, worker)
-        # An earlier test's jobs the pass took but did not send: sent now, for real (they
-        # would otherwise hold their queue's slots for the rest of the session).
-        others = [j for j in dispatched if j not in mine]
-        if others:
-            outbox.relay(pg_engine, real, job_id=others)
         for job_id in mine:
             _cancel(pg_engine, job_id)
