@@ -51,7 +51,7 @@ def commit_without_flush_wait(conn: Connection) -> None:
     every earlier one with it, so nothing that depends on them can survive without them.
 
     Only for writes that are safe to lose: a lease taken (the job is redelivered or reaped),
-    throttled progress, a published outbox row deleted (it is sent again). Never for a
+    throttled progress, an outbox row marked published (it is sent again). Never for a
     transaction that moves money or ends a job. A no-op on SQLite."""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")

@@ -19,10 +19,8 @@ from orchestrator.tables import dispatch_queue, jobs, outbox, sched_queues
 # The decision's writes on PostgreSQL: one statement of data-modifying CTEs over arrays,
 # written once (no statement built or compiled per call; psycopg prepares it like any
 # other): the flows' new rows, the queues' virtual times, the entries and jobs marked
-# dispatched, and (when the tasks are not published in this transaction) their outbox rows,
-# in pick order. The relaxed form is the nudge's, which publishes the tasks in the
-# transaction: no outbox row (one goes in only for a task it could not send,
-# `queue_unsent`), and the COMMIT skips the WAL flush wait.
+# dispatched, and their outbox rows (in pick order). The relaxed form (the nudge, which
+# publishes in the transaction) also lets the COMMIT skip the WAL flush wait.
 _WRITE_CTES: Final = (
     "WITH fw AS (UPDATE sched_flows AS f SET running = w.running, queued = w.queued,"
     " finish_tag = w.finish_tag, head_tag = w.head_tag, head_since_s = w.head_since_s,"
@@ -39,15 +37,13 @@ _WRITE_CTES: Final = (
     " dq AS (UPDATE dispatch_queue SET state = 'dispatched', dispatched_at = %(now)s"
     " WHERE id = ANY(%(entries)s::bigint[])),"
     " jb AS (UPDATE jobs SET status = 'dispatched', updated_at = %(now)s"
-    " WHERE id = ANY(%(jobs)s::text[]) AND status = 'queued')"
-)
-_OUTBOX_CTE: Final = (
-    ", ob AS (INSERT INTO outbox (topic, job_id, payload, created_at)"
-    " SELECT 'dispatch', m.job_id, m.payload::json, %(now)s"
+    " WHERE id = ANY(%(jobs)s::text[]) AND status = 'queued'),"
+    " ob AS (INSERT INTO outbox (topic, job_id, payload, created_at, published_at)"
+    " SELECT 'dispatch', m.job_id, m.payload::json, %(now)s, %(published)s::timestamp"
     " FROM unnest(%(jobs)s::text[], %(payloads)s::text[]) WITH ORDINALITY"
     " AS m(job_id, payload, n) ORDER BY m.n)"
 )
-WRITE_SQL: Final = _WRITE_CTES + _OUTBOX_CTE + " SELECT 1"
+WRITE_SQL: Final = _WRITE_CTES + " SELECT 1"
 WRITE_RELAXED_SQL: Final = _WRITE_CTES + " SELECT set_config('synchronous_commit', 'off', true)"
 
 
@@ -75,24 +71,9 @@ def write_params(
         "now": naive,
         "entries": [t.id for t in taken_rows],
         "jobs": [t.job_id for t in taken_rows],
-        "payloads": [] if published else [json.dumps(_payload(t)) for t in taken_rows],
+        "payloads": [json.dumps({"job_id": t.job_id, "type": t.task}) for t in taken_rows],
+        "published": naive if published else None,
     }
-
-
-def _payload(entry: Row[Any]) -> dict[str, Any]:
-    return {"job_id": entry.job_id, "type": entry.task}
-
-
-def queue_unsent(conn: Connection, now: datetime, entries: list[Row[Any]]) -> None:
-    """Outbox rows for the tasks a nudge picked but could not send (Redis failed mid-pass):
-    the re-publisher sends them."""
-    conn.execute(
-        insert(outbox),
-        [
-            {"topic": "dispatch", "job_id": t.job_id, "payload": _payload(t), "created_at": now}
-            for t in entries
-        ],
-    )
 
 
 def write_in_steps(
@@ -123,5 +104,16 @@ def write_in_steps(
         .where(jobs.c.id.in_([t.job_id for t in taken_rows]), jobs.c.status == QUEUED)
         .values(status=DISPATCHED, updated_at=now)
     )
-    if not published:
-        queue_unsent(conn, now, taken_rows)
+    conn.execute(
+        insert(outbox),
+        [
+            {
+                "topic": "dispatch",
+                "job_id": t.job_id,
+                "payload": {"job_id": t.job_id, "type": t.task},
+                "created_at": now,
+                "published_at": now if published else None,  # un-marked later if unsent
+            }
+            for t in taken_rows
+        ],
+    )

@@ -1,18 +1,16 @@
 """Transactional outbox. `add` writes a message in the caller's transaction; `relay` publishes
 unpublished messages after commit: right away for the job just changed (fast path), and from
-Celery beat for anything a crash left behind, and deletes each row it sent in the same
-transaction (the table holds only what is still to be sent). Publishing is at least once:
-consumers (workers, event readers, callback receivers) tolerate duplicates."""
+Celery beat for anything a crash left behind. Publishing is at least once: consumers
+(workers, event readers, callback receivers) tolerate duplicates."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 
 from billing.clock import utcnow
 from billing.db import run_transaction
@@ -23,30 +21,20 @@ log = logging.getLogger(__name__)
 
 TOPICS: Final = ("dispatch", "event", "callback")
 RELAY_BATCH_MAX: Final = 200
-# A published row is deleted (in the transaction that publishes it): the table holds what
-# is still to be sent, not a history of everything ever sent, and a publish costs a delete,
-# not an update that rewrites the row and its index entries. Nothing reads a sent message
-# back (a job's webhook deliveries are kept on the job; events live in their streams).
 # The fast path on PostgreSQL, as plain driver SQL (pyformat, as psycopg takes it): ONE
-# statement claims a job's unpublished rows and deletes them (its transaction then
-# publishes them, and puts back any it could not send before COMMIT: a crash before
-# COMMIT undoes every delete). It also lets the COMMIT skip the WAL flush wait: a delete
-# lost to a server crash only means sending the message again.
+# statement claims a job's unpublished rows and marks them published (its transaction then
+# publishes them, and takes the marks of any it could not send back before COMMIT: a crash
+# before COMMIT undoes every mark). It also lets the COMMIT skip the WAL flush wait: a
+# mark lost to a server crash only means sending the message again.
 PG_CLAIM_SQL: Final = (
     "WITH picked AS (SELECT id FROM outbox WHERE published_at IS NULL"
     " AND job_id = ANY(%(jobs)s) ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
-    " taken AS (DELETE FROM outbox AS o USING picked WHERE o.id = picked.id"
-    " RETURNING o.id, o.topic, o.job_id, o.payload, o.created_at),"
+    " marked AS (UPDATE outbox AS o SET published_at = %(now)s FROM picked"
+    " WHERE o.id = picked.id RETURNING o.id, o.topic, o.job_id, o.payload),"
     " relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS v)"
-    " SELECT taken.* FROM taken, relaxed ORDER BY taken.id"
+    " SELECT marked.* FROM marked, relaxed ORDER BY marked.id"
 )
-# The rows a failed publish left unsent, put back as they were (same ids: same order).
-PG_PUT_BACK_SQL: Final = (
-    "INSERT INTO outbox (id, topic, job_id, payload, created_at)"
-    " SELECT r.id, r.topic, r.job_id, r.payload::json, r.created_at"
-    " FROM unnest(%(ids)s::bigint[], %(topics)s::text[], %(jobs)s::text[],"
-    " %(payloads)s::text[], %(created)s::timestamp[]) AS r(id, topic, job_id, payload, created_at)"
-)
+PG_UNMARK_SQL: Final = "UPDATE outbox SET published_at = NULL WHERE id = ANY(%(ids)s)"
 # Jobs whose dispatch task went out move from `queued` to `dispatched`.
 PG_MOVE_SQL: Final = (
     "UPDATE jobs SET status = 'dispatched', updated_at = %(now)s"
@@ -124,21 +112,23 @@ def relay(
         rows = conn.execute(stmt.limit(limit).with_for_update(skip_locked=True)).all()
         if not rows:
             return 0
-        # Losing these deletes to a crash only means publishing the messages again.
+        # Losing these marks to a crash only means publishing the messages again.
         commit_without_flush_wait(conn)
         now = utcnow()
         sent = publish_rows(publish, rows)
         if sent:
-            delete_sent(conn, sent, now)
+            mark_sent(conn, sent, now)
         return len(sent)
 
     return run_transaction(engine, work)
 
 
-def delete_sent(conn: Connection, rows: Sequence[Any], now: datetime) -> None:
-    """Delete the published outbox `rows` (with `id`, `topic`, `job_id`), and move the jobs
-    whose dispatch task was among them from `queued` to `dispatched`."""
-    conn.execute(delete(outbox).where(outbox.c.id.in_([r.id for r in rows])))
+def mark_sent(conn: Connection, rows: Sequence[Any], now: datetime) -> None:
+    """Mark outbox `rows` (with `id`, `topic`, `job_id`) published, and move the jobs whose
+    dispatch task was among them from `queued` to `dispatched`."""
+    conn.execute(
+        update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=now)
+    )
     dispatched = sorted({r.job_id for r in rows if r.topic == "dispatch"})
     if dispatched:
         conn.execute(
@@ -152,8 +142,8 @@ def relay_in(
     conn: Connection, publish: Publisher, job_ids: Sequence[str], limit: int = RELAY_BATCH_MAX
 ) -> int:
     """Publish `job_ids`' unpublished rows in the caller's transaction (the relay's fast
-    path, and the dispatch transaction's); how many were published (and deleted). On
-    PostgreSQL one fixed statement claims and deletes them (PG_CLAIM_SQL)."""
+    path, and the dispatch transaction's); how many were marked published. On PostgreSQL
+    one fixed statement claims and marks them (PG_CLAIM_SQL)."""
     if conn.dialect.name == "postgresql":
         return _relay_in_pg(conn, publish, job_ids, limit)
     rows = conn.execute(
@@ -165,7 +155,7 @@ def relay_in(
     ).all()
     sent = publish_rows(publish, rows)
     if sent:
-        delete_sent(conn, sent, utcnow())
+        mark_sent(conn, sent, utcnow())
     return len(sent)
 
 
@@ -177,17 +167,7 @@ def _relay_in_pg(conn: Connection, publish: Publisher, job_ids: Sequence[str], l
         return 0
     sent = publish_rows(publish, rows)
     if len(sent) < len(rows):
-        unsent = rows[len(sent) :]
-        conn.exec_driver_sql(
-            PG_PUT_BACK_SQL,
-            {
-                "ids": [r.id for r in unsent],
-                "topics": [r.topic for r in unsent],
-                "jobs": [r.job_id for r in unsent],
-                "payloads": [json.dumps(r.payload) for r in unsent],
-                "created": [r.created_at for r in unsent],
-            },
-        )
+        conn.exec_driver_sql(PG_UNMARK_SQL, {"ids": [r.id for r in rows[len(sent) :]]})
     dispatched = sorted({r.job_id for r in sent if r.topic == "dispatch"})
     if dispatched:
         conn.exec_driver_sql(PG_MOVE_SQL, {"now": now, "dispatched": dispatched})

@@ -15,10 +15,9 @@ a flow's counters in SQL: orchestrator.scheduling.flows).
   the backlog), the fair picks are marked `dispatched` and their Celery tasks written to
   the outbox, all in a few batched statements. A crash before commit changes nothing;
   after it, the outbox publishes (at least once). Given `publish` (the nudge), the tasks
-  are sent just before COMMIT and no outbox row is written for them (only for a task the
-  pass could not send): no relay transaction; a COMMIT that then fails leaves a task
-  whose job is still `queued`, which the worker takes as sent around the scheduler
-  (`taken`). Run after a submit, when a job
+  are sent just before COMMIT and their outbox rows written as published: no relay
+  transaction; a COMMIT that then fails leaves a task whose job is still `queued`, which
+  the worker takes as sent around the scheduler (`taken`). Run after a submit, when a job
   ends (`nudge`) and every `dispatch_interval_s` from beat, so nothing depends on a nudge.
   On PostgreSQL every statement of a pass is fixed driver SQL (nothing built per call).
 
@@ -67,7 +66,7 @@ from orchestrator.scheduling.flows import (
     plan_weight,
 )
 from orchestrator.settings import get_settings
-from orchestrator.tables import dispatch_queue, jobs
+from orchestrator.tables import dispatch_queue, jobs, outbox
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +230,17 @@ def _dispatch_pool(
         # Sent last, with every row of theirs locked and written: a worker that gets a task
         # before COMMIT waits on its job's row, then finds it `dispatched`.
         published = _publish(publish, taken_rows, sent)
-        unsent = [t for t in taken_rows if t.job_id not in published]
+        unsent = [t.job_id for t in taken_rows if t.job_id not in published]
         if unsent:  # for the re-publisher
-            dispatch_writes.queue_unsent(conn, now, unsent)
+            conn.execute(
+                update(outbox)
+                .where(
+                    outbox.c.topic == "dispatch",
+                    outbox.c.job_id.in_(unsent),
+                    outbox.c.published_at == now,
+                )
+                .values(published_at=None)
+            )
         if conn.dialect.name != "postgresql":  # (the PostgreSQL write statement set it)
             commit_without_flush_wait(conn)  # what it wrote is safe to lose (see the docstring)
     waits = [
