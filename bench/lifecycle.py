@@ -73,11 +73,13 @@ def wait_log(log: Path, marker: bytes) -> None:
         time.sleep(0.1)
 
 
-def py_spy(pid: int, out: Path, *, subprocesses: bool) -> subprocess.Popen[bytes]:
+def py_spy(pid: int, out: Path, *, subprocesses: bool, idle: bool) -> subprocess.Popen[bytes]:
     """py-spy recording `pid` until SIGINT (raw collapsed stacks, 200 Hz). Only samples that
-    hold the GIL (`--gil`): where the CPU goes, not where the process waits."""
+    hold the GIL (`--gil`): where the CPU goes, not where the process waits; with `idle`,
+    every thread's samples (`--idle`)."""
     argv = [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(pid)]
-    argv += ["-f", "raw", "-o", str(out), "-r", "200", "--gil"]
+    # `--profile-idle`: every thread's samples, waiting included (where wall time goes).
+    argv += ["-f", "raw", "-o", str(out), "-r", "200", "--idle" if idle else "--gil"]
     if subprocesses:
         argv.append("--subprocesses")
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -253,8 +255,18 @@ def measure(args: argparse.Namespace, n: int, logs: Path, redis_url: str) -> Mea
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 spies = [
-                    py_spy(procs[0].pid, args.profile / "worker.txt", subprocesses=True),
-                    py_spy(procs[1].pid, args.profile / "intake.txt", subprocesses=False),
+                    py_spy(
+                        procs[0].pid,
+                        args.profile / "worker.txt",
+                        subprocesses=True,
+                        idle=args.profile_idle,
+                    ),
+                    py_spy(
+                        procs[1].pid,
+                        args.profile / "intake.txt",
+                        subprocesses=False,
+                        idle=args.profile_idle,
+                    ),
                 ]
                 time.sleep(1)  # py-spy attaches
             calls, counts = redis_calls(redis_url), pg_counts(engine)
@@ -293,6 +305,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="POST /v1/jobs per second")
     parser.add_argument("--seconds", type=float, default=5.0, help="latency run length (<= 30)")
     parser.add_argument("--profile", type=Path, help="write py-spy raw stacks here (a folder)")
+    parser.add_argument(
+        "--profile-idle", action="store_true", help="profile wall time (py-spy --idle), not CPU"
+    )
     parser.add_argument(
         "--accounts", type=int, default=1, help="whole path: jobs spread over this many accounts"
     )

@@ -195,6 +195,22 @@ def run_transaction(
     `fn` must not commit and must be safe to rerun from the start (it sees a fresh
     transaction each time), including after a commit that went through but whose answer
     was lost: it must then find its own effects."""
+
+    def once() -> T:
+        with engine.begin() as conn:
+            return fn(conn)
+
+    return retried(once, attempts_max=attempts_max, budget_s=budget_s)
+
+
+def retried(
+    call: Callable[[], T],
+    *,
+    attempts_max: int = TRANSACTION_ATTEMPTS_MAX,
+    budget_s: float | None = None,
+) -> T:
+    """`call()` (one whole transaction), rerun on conflicts and transient faults as
+    `run_transaction` describes; `call` raises SQLAlchemy's DBAPIError kinds."""
     if budget_s is None:
         budget_s = retry_budget_s.get()
     if budget_s is None:
@@ -202,8 +218,7 @@ def run_transaction(
     started = time.monotonic()
     for attempt in range(1, attempts_max + 1):
         try:
-            with engine.begin() as conn:
-                return fn(conn)
+            return call()
         except DBAPIError as exc:
             transient = is_transient(exc)
             if attempt == attempts_max or not (transient or is_conflict(exc)):

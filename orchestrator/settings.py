@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     sched_worker_pass_interval_s: float = Field(default=0.05, ge=0, le=5)
     # The API's: its submits' dispatch and relay (one pass for the submits of an interval).
     sched_api_pass_interval_s: float = Field(default=0.05, ge=0, le=5)
+    # A worker applies a job's result (finish: the settle and its WAL flush) on a thread of
+    # its own while its task thread takes the next job (orchestrator.execution.finisher).
+    worker_finish_in_background: bool = True
     # Workers announce their slots with this expiry, refreshed every third of it.
     worker_slots_ttl_s: float = Field(default=15.0, ge=1, le=600)
     # The periodic dispatcher (beat) and the most jobs one call dispatches per queue.

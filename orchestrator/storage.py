@@ -50,12 +50,21 @@ class Storage:
         )
         self.is_s3 = isinstance(self._backend, _S3)
 
-    def put(self, key: str, data: bytes) -> str:
+    def put(self, key: str, data: bytes, *, flush: bool = True) -> str:
         """Write `data` under `key`, durably: once put returns, a charge that depends on the
         object can be committed. S3 is durable when the PUT answers; a local disk needs the
-        file and its directory entry flushed, and a rename makes it appear whole or not at all."""
-        self._backend.put(_check_key(key), data)
+        file and its directory entry flushed, and a rename makes it appear whole or not at all.
+        `flush=False`: a local disk's flushes are left to `flush([key, ...])`, which must
+        return before anything that depends on the object commits (a worker's outputs are
+        flushed together right before its job's result is applied)."""
+        self._backend.put(_check_key(key), data, flush)
         return key
+
+    def flush(self, keys: list[str]) -> None:
+        """Make objects written with `put(..., flush=False)` durable (a local disk: each file
+        and, once each, their directories); a no-op for object stores."""
+        if keys:
+            self._backend.flush([_check_key(k) for k in keys])
 
     def get(self, key: str) -> bytes:
         """The bytes under `key`; FileNotFoundError when there are none."""
@@ -105,14 +114,23 @@ class _Fsspec:
     def full(self, key: str) -> str:
         return f"{self.root}/{key}"
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, flush: bool = True) -> None:
         path = self.full(key)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
-            _write_durably(path, data)
+            _write_durably(path, data, flush)
             return
         with self.fs.open(path, "wb") as f:
             f.write(data)
+
+    def flush(self, keys: list[str]) -> None:
+        if not self.local:
+            return  # the backend's own writes decide (fsspec closes each file on put)
+        paths = [self.full(k) for k in keys]
+        for path in paths:
+            _fsync_path(path)
+        for parent in dict.fromkeys(os.path.dirname(p) for p in paths):
+            _fsync_path(parent)
 
     def get(self, key: str) -> bytes:
         with self.fs.open(self.full(key), "rb") as f:
@@ -165,8 +183,12 @@ class _S3:
     def full(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, flush: bool = True) -> None:
+        # Durable when the PUT answers, whatever `flush` says.
         self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=data)
+
+    def flush(self, keys: list[str]) -> None:
+        pass  # every PUT was durable when it answered
 
     def get(self, key: str) -> bytes:
         try:
@@ -205,7 +227,10 @@ class _S3:
         return url
 
 
-def _write_durably(path: str, data: bytes) -> None:
+def _write_durably(path: str, data: bytes, flush: bool = True) -> None:
+    """A temporary file renamed into place (readers see the whole file or none); with
+    `flush`, the file and its directory entry are on disk when this returns (else
+    `_fsync_path` of both must run before anything depends on them)."""
     parent = os.path.dirname(path)
     tmp = f"{path}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -213,17 +238,24 @@ def _write_durably(path: str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if flush:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(parent, os.O_RDONLY)
+    if flush:
+        _fsync_path(parent)
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or a directory by its path."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 @lru_cache(maxsize=4)

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, event, select, text
 
 from billing.clock import utcnow
 from billing.db import run_transaction
+from orchestrator import db_direct
 from orchestrator.execution import protocol as execution
 from orchestrator.execution import result, start
 from orchestrator.jobs import service as jobs
@@ -131,10 +132,12 @@ def test_one_call_matches_the_python_path(
             statements.append(sql)
 
         event.listen(pg_engine, "before_cursor_execute", count)
+        db_direct.listen(statements.append)  # begin's and finish's own connection
         try:
             status = run(pg_engine, storage, job_id, delivered, one_call)
         finally:
             event.remove(pg_engine, "before_cursor_execute", count)
+            db_direct.unlisten(statements.append)
         seen.append(repr(record(pg_engine, job_id)))
         assert status == (states.SUCCEEDED if delivered else states.FAILED)
         if one_call:  # begin and finish (with the slot's release): one statement each

@@ -193,7 +193,8 @@ def test_begin_and_finish_after_lost_commit_answers_apply_once(
     ctx = execution.RunContext(proxied_engine, storage, attempt)
     ctx.deliver(0, b"png-0")
     ctx.deliver(1, b"png-1")
-    pg_proxy.lose_next_answer(b"COMMIT")
+    # So is finish's (the direct connection's autocommit): its answer is the commit's.
+    pg_proxy.lose_next_answer(b"tollgate_job_finish")
     status = execution.finish(proxied_engine, attempt, states.SUCCEEDED, ctx=ctx)
     assert pg_proxy.answers_lost == 2
     assert status == states.SUCCEEDED

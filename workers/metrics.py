@@ -46,6 +46,7 @@ from celery.signals import (
 )
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from orchestrator.execution.finisher import FINISHING
 from orchestrator.jobs.families import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,13 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
         RUNNING.labels(family[0]).inc()
 
 
+def job_finished(task_id: str | None, task_name: str | None, retval: Any) -> None:
+    """A job task's result applied by the process's finisher after the task returned
+    (orchestrator.execution.finisher): counted as the task's end is otherwise."""
+    _record(task_id, task_name, outcome_of(retval, None))
+    observe_latency(retval)
+
+
 @task_postrun.connect
 def _on_postrun(
     task_id: str | None = None,
@@ -163,7 +171,9 @@ def _on_postrun(
     state: str | None = None,
     **_: Any,
 ) -> None:
-    if state == "FAILURE":  # counted by task_failure, which also sees hard time limits
+    if isinstance(retval, dict) and retval.get("status") == FINISHING:
+        pass  # counted by job_finished once the finisher has applied the result
+    elif state == "FAILURE":  # counted by task_failure, which also sees hard time limits
         if task_id in _started:
             _record(task_id, getattr(task, "name", None), "error")
     else:

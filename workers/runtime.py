@@ -16,6 +16,7 @@ from celery.signals import worker_process_shutdown, worker_shutdown
 
 from orchestrator.db import get_engine
 from orchestrator.events import append_event
+from orchestrator.execution.finisher import current_finisher, process_finisher
 from orchestrator.execution.progress_webhooks import ProgressWebhooks
 from orchestrator.execution.protocol import JOB_PHASE, Phase, Runner, execute
 from orchestrator.faults import dependency_of
@@ -24,6 +25,7 @@ from orchestrator.scheduling.nudger import Nudger
 from orchestrator.scheduling.slots import record_run
 from orchestrator.settings import get_settings
 from orchestrator.storage import get_storage
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ FAULT_RETRY_COUNTDOWN_S: Final = 5
 # At a worker's shutdown its last jobs' nudges get this long; what is left then, beat's
 # periodic dispatcher and re-publisher send (a delay, never a loss).
 NUDGER_STOP_TIMEOUT_S: Final = 5.0
+# ... and the results its finisher still holds this long (what is left: the lease sweep).
+FINISHER_STOP_TIMEOUT_S: Final = 20.0
 
 _runners: dict[str, Runner] = {}
 _factories: dict[str, Callable[[], Runner]] = {}
@@ -71,7 +75,11 @@ def post_job_nudger() -> Nudger:
 @worker_process_shutdown.connect(weak=False)
 @worker_shutdown.connect(weak=False)
 def stop_post_job_nudger(**_: Any) -> None:
-    """A pool child's (or a solo worker's) last passes before it exits."""
+    """A pool child's (or a solo worker's) last results and passes before it exits."""
+    finisher = current_finisher()
+    if finisher is not None:
+        with contextlib.suppress(Exception):
+            finisher.stop(FINISHER_STOP_TIMEOUT_S)
     if _nudger is not None and _nudger_pid == os.getpid():
         with contextlib.suppress(Exception):
             _nudger.stop(NUDGER_STOP_TIMEOUT_S)
@@ -97,6 +105,24 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
             )
 
     started = time.monotonic()
+    # The result is applied on this process's finisher thread while this one takes its
+    # next task (orchestrator.execution.finisher), unless configured off.
+    handed = get_settings().worker_finish_in_background
+    task_id, task_name = task.request.id, task.name
+
+    def on_finished(result: dict[str, Any]) -> None:
+        nudger = post_job_nudger()
+        if result.get("status") != "skipped":
+            # An estimate for queue ETAs and dispatch buffers only: sent on the nudger's
+            # thread. From the task's start to its result applied: the slot's occupancy.
+            run_s = time.monotonic() - started
+            nudger.defer(lambda: record_run(publisher.redis, job_type, run_s))
+        # A slot is free: dispatch the next job and relay this one's outbox rows, on this
+        # process's nudger thread, so the task returns (and is acked) without waiting.
+        nudger.poke(job_id)
+        if handed:
+            metrics.job_finished(task_id, task_name, result)
+
     try:
         result = execute(
             engine,
@@ -111,6 +137,8 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
             # The `running` event (and a `started` webhook) goes out on this process's
             # nudger thread within one pass interval: a short job's end shares that pass.
             on_started=lambda: post_job_nudger().relay(job_id),
+            hand_finish=process_finisher().hand if handed else None,
+            on_finished=on_finished,
         )
     except Exception as exc:
         dependency = dependency_of(exc)
@@ -128,12 +156,6 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
         raise task.retry(
             exc=exc, countdown=FAULT_RETRY_COUNTDOWN_S, max_retries=FAULT_RETRIES_MAX
         ) from exc
-    nudger = post_job_nudger()
-    if result.get("status") != "skipped":
-        # An estimate for queue ETAs and dispatch buffers only: sent on the nudger's thread.
-        run_s = time.monotonic() - started
-        nudger.defer(lambda: record_run(publisher.redis, job_type, run_s))
-    # A slot is free: dispatch the next job and relay this one's outbox rows, on this
-    # process's nudger thread, so the task returns (and is acked) without waiting for them.
-    nudger.poke(job_id)
+    if result.get("status") == "skipped":  # nothing ran (on_finished was not called)
+        post_job_nudger().poke(job_id)
     return result

@@ -52,6 +52,9 @@ class RunContext:
     recorded_any: bool = False
     step: int = 0
     total: int = 0
+    # Outputs written without their disk flush (`deliver`); `flush_outputs` makes them
+    # durable before anything records or charges them.
+    unflushed: list[str] = field(default_factory=list)
     # `begin` wrote progress 0 just now: the first write is due an interval later.
     _last_write: float = field(default_factory=time.monotonic)
     # ... and checked the lease and the cancel flag: the next check is due an interval later.
@@ -100,6 +103,8 @@ class RunContext:
         if not write and now - self._last_check < PROGRESS_CHECK_INTERVAL_S:
             return  # checked a moment ago
         pending = list(self.unrecorded) if write else []
+        if pending:
+            self.flush_outputs()  # an output on the job's row is on disk
 
         def work(conn: Connection) -> None:
             if not write:
@@ -139,7 +144,10 @@ class RunContext:
         """Store one output; it is recorded as delivered (and charged when the job settles)
         with the next progress write or by finish."""
         key = f"outputs/{self.job_id}/a{self.attempt.number}_{index}.png"
-        self.storage.put(key, png)
+        # Written now, flushed to disk with the run's other outputs before they are recorded
+        # or charged (flush_outputs): the runner does not wait for each file's fsync.
+        self.storage.put(key, png, flush=False)
+        self.unflushed.append(key)
         self.unrecorded.append(
             {
                 "index": index,
@@ -150,6 +158,24 @@ class RunContext:
             }
         )
         self.delivered += 1
+
+    def flush_outputs(self) -> None:
+        """Make the outputs delivered so far durable (one fsync per file, one per folder)."""
+        if self.unflushed:
+            self.storage.flush(self.unflushed)
+            self.unflushed.clear()
+
+    def withdraw_unflushed(self, reason: str) -> None:
+        """Outputs whose flush failed: recorded as not delivered (never charged)."""
+        gone = set(self.unflushed)
+        self.unrecorded[:] = [
+            {"index": o["index"], "delivered": False, "reason": reason}
+            if o.get("key") in gone
+            else o
+            for o in self.unrecorded
+        ]
+        self.delivered -= len(gone)
+        self.unflushed.clear()
 
     def not_delivered(self, index: int, reason: str) -> None:
         """An output that could not be delivered (not charged), with the reason."""

@@ -12,6 +12,7 @@ stops at its next progress call (JobStopped "superseded").
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -106,6 +107,10 @@ class _Renewer:
     def __init__(self) -> None:
         self._beats: dict[int, Heartbeat] = {}
         self._wake = threading.Condition()
+        # When the thread wakes next on its own (inf: only when told; -inf: it is renewing
+        # and looks at every heartbeat again after): `add` wakes it only for an earlier due
+        # time, so a job's start costs no thread wakeup.
+        self._sleep_until = -math.inf
         self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
         self._thread.start()
 
@@ -114,7 +119,8 @@ class _Renewer:
             if len(self._beats) >= HEARTBEATS_MAX:
                 raise TooManyLeases(f"more than {HEARTBEATS_MAX} leases held in one process")
             self._beats[id(beat)] = beat
-            self._wake.notify()
+            if beat.due_at < self._sleep_until:
+                self._wake.notify()
 
     def discard(self, beat: Heartbeat) -> None:
         with self._wake:
@@ -126,8 +132,10 @@ class _Renewer:
                 now = time.monotonic()
                 due = [b for b in self._beats.values() if b.due_at <= now]
                 if not due:
-                    next_at = min((b.due_at for b in self._beats.values()), default=None)
-                    self._wake.wait(None if next_at is None else next_at - now)
+                    next_at = min((b.due_at for b in self._beats.values()), default=math.inf)
+                    self._sleep_until = next_at
+                    self._wake.wait(None if next_at == math.inf else next_at - now)
+                    self._sleep_until = -math.inf
                     continue
             for beat in due:  # outside the lock: a start or stop never waits for a renewal
                 if not beat.stopped:

@@ -51,6 +51,8 @@ from orchestrator.execution.attempt import Attempt as Attempt
 from orchestrator.execution.attempt import JobStopped as JobStopped
 from orchestrator.execution.attempt import Phase as Phase
 from orchestrator.execution.context import RunContext as RunContext
+from orchestrator.execution.finisher import FINISHING as FINISHING
+from orchestrator.execution.finisher import Work
 from orchestrator.execution.heartbeat import Heartbeat
 from orchestrator.execution.leases import ATTEMPTS_MAX as ATTEMPTS_MAX  # re-exported
 from orchestrator.execution.result import finish as finish
@@ -74,8 +76,16 @@ def execute(
     on_progress: Callable[[int, int], None] | None = None,
     phase: Phase = JOB_PHASE,
     on_started: Callable[[], None] | None = None,
+    hand_finish: Callable[[Work], None] | None = None,
+    on_finished: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The whole worker side of a job. Safe to call twice for the same job."""
+    """The whole worker side of a job. Safe to call twice for the same job.
+
+    With `hand_finish` (a worker's finisher: orchestrator.execution.finisher), applying the
+    result (`finish`, then the heartbeat's stop) is handed to it once the runner is done, and
+    this returns at once with status FINISHING; `on_finished` then gets the final answer on
+    the finisher's thread. Without it, `finish` runs here and `on_finished` before the
+    return."""
     attempt = begin(engine, job_id, worker, phase)
     if attempt is None:
         return {"job_id": job_id, "status": "skipped"}
@@ -84,50 +94,61 @@ def execute(
     heartbeat = Heartbeat(
         engine, job_id, attempt.token, get_settings().lease_renew_interval_s
     ).start()
+    handed = False
     try:
-        return _run(engine, storage, attempt, runner, on_progress, phase, heartbeat)
+        ctx = RunContext(engine, storage, attempt, on_progress, heartbeat)
+        outcome, error = _run(attempt, runner, ctx)
+
+        def apply() -> dict[str, Any]:
+            # Through an outage, keep trying for as long as the lease is surely held, and
+            # at least FINISH_RETRY_BUDGET_S: a result applied after the sweep took the job
+            # back is recorded as late and charges nothing, so trying longer is never wrong.
+            nonlocal outcome, error
+            try:
+                try:
+                    ctx.flush_outputs()  # what is charged is on disk first
+                except OSError as exc:
+                    log.error("job %s: outputs not flushed to storage: %s", job_id, exc)
+                    ctx.withdraw_unflushed(f"storage: {exc}"[:200])
+                    if outcome == states.SUCCEEDED:
+                        outcome, error = states.FAILED, f"outputs not stored: {exc}"[:500]
+                budget_s = max(FINISH_RETRY_BUDGET_S, heartbeat.held_until - time.monotonic())
+                status = finish(engine, attempt, outcome, error, phase, ctx, budget_s=budget_s)
+            finally:
+                heartbeat.stop()  # after finish: the lease is held until the result is applied
+            result = _result(attempt, status)
+            if on_finished is not None:
+                on_finished(result)
+            return result
+
+        if hand_finish is None:
+            return apply()
+        hand_finish(apply)
+        handed = True
+        return {"job_id": job_id, "status": FINISHING, "job_type": attempt.spec.get("type")}
     finally:
-        heartbeat.stop()  # after finish: the lease is held until the result is applied
+        if not handed:
+            heartbeat.stop()
 
 
-def _run(
-    engine: Engine,
-    storage: Storage,
-    attempt: Attempt,
-    runner: Runner,
-    on_progress: Callable[[int, int], None] | None,
-    phase: Phase,
-    heartbeat: Heartbeat,
-) -> dict[str, Any]:
-    job_id = attempt.job_id
-    ctx = RunContext(engine, storage, attempt, on_progress, heartbeat)
-
-    def finish_(outcome: str, error: str | None) -> str:
-        # Through an outage, keep trying for as long as the lease is surely held, and at
-        # least FINISH_RETRY_BUDGET_S: a result applied after the sweep took the job back is
-        # recorded as late and charges nothing, so trying longer is never wrong.
-        budget_s = max(FINISH_RETRY_BUDGET_S, heartbeat.held_until - time.monotonic())
-        return finish(engine, attempt, outcome, error, phase, ctx, budget_s=budget_s)
-
+def _run(attempt: Attempt, runner: Runner, ctx: RunContext) -> tuple[str, str | None]:
+    """Run the runner: the outcome to apply and its error. A transient database fault
+    escapes (not the job's failure: its lease lapses and the sweep dispatches it again)."""
     try:
         runner(ctx)
     except JobStopped as stop:
         if stop.reason == "superseded":
-            status = finish_(states.FAILED, "superseded by a newer attempt")
-        else:
-            status = finish_(states.CANCELED, "canceled by the client")
-        return _result(attempt, status)
+            return states.FAILED, "superseded by a newer attempt"
+        return states.CANCELED, "canceled by the client"
     except Exception as exc:
         if is_transient(exc):
             # The runner's own database call hit an outage: not the job's failure. The job
             # stays running; once this lease lapses, the lease sweep dispatches it again.
-            log.warning("job %s: database unreachable inside the runner: %s", job_id, exc)
+            log.warning("job %s: database unreachable inside the runner: %s", attempt.job_id, exc)
             raise
-        log.exception("job %s failed", job_id)
-        status = finish_(states.FAILED, _reason(exc))
-        return _result(attempt, status)
-    status = finish_(states.SUCCEEDED, None)
-    return _result(attempt, status)
+        log.exception("job %s failed", attempt.job_id)
+        return states.FAILED, _reason(exc)
+    return states.SUCCEEDED, None
 
 
 def _result(attempt: Attempt, status: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from billing.clock import utcnow
 from billing.db import run_transaction
+from orchestrator.db_direct import run_statement
 from orchestrator.execution import leases
 from orchestrator.execution.attempt import (
     FINISH_RETRY_BUDGET_S,
@@ -79,15 +80,17 @@ def finish(
         and attempt.price is not None
     )
 
-    def work(conn: Connection) -> str:
-        if one_call and conn.dialect.name == "postgresql":
-            assert ctx is not None and attempt.price is not None
-            status = _finish_pg(conn, attempt, outcome, error, ctx, attempt.price)
-            if status != FALLBACK:
-                return status
-        return _finish(conn, attempt, outcome, error, phase, ctx)
-
-    return run_transaction(engine, work, attempts_max=STEP_ATTEMPTS_MAX, budget_s=budget_s)
+    if one_call and engine.dialect.name == "postgresql":
+        assert ctx is not None and attempt.price is not None
+        status = _finish_pg(engine, attempt, outcome, error, ctx, attempt.price, budget_s)
+        if status != FALLBACK:
+            return status
+    return run_transaction(
+        engine,
+        lambda conn: _finish(conn, attempt, outcome, error, phase, ctx),
+        attempts_max=STEP_ATTEMPTS_MAX,
+        budget_s=budget_s,
+    )
 
 
 def outcome_of(
@@ -112,22 +115,33 @@ def outcome_of(
 
 
 def _finish_pg(
-    conn: Connection,
+    engine: Engine,
     attempt: Attempt,
     outcome: str,
     error: str | None,
     ctx: RunContext,
     price: Price,
+    budget_s: float,
 ) -> str:
+    """The one-call finish: a transaction of its own on the thread's direct connection
+    (orchestrator.db_direct), durable when it returns. When the account has a low-balance
+    alert for the kind, its check follows in a transaction of its own: if that is lost (a
+    crash in between), the alert is still armed and the next change of the balance fires
+    it."""
     # The row holds no outputs yet (the function checks): what it will hold is `ctx`'s.
     outputs = merged([], ctx.unrecorded)
     status, reason, charged_outputs = outcome_of(
         outcome, error, outputs, price.outputs_expected, True
     )
+    outputs_json = json.dumps(outputs)
+    delivered = sum(1 for o in outputs if o.get("delivered"))
+    charge = min(price.credits, price.per_output * charged_outputs)
     now = utcnow()
-    row = conn.exec_driver_sql(
-        _PG_FINISH_RELEASE_SQL,
-        {
+
+    def params() -> dict[str, Any]:
+        nonlocal now
+        now = utcnow()
+        return {
             "job": attempt.job_id,
             "attempt": attempt.number,
             "token": attempt.token,
@@ -135,20 +149,30 @@ def _finish_pg(
             "status": status,
             "error": error,
             "reason": reason,
-            "outputs": json.dumps(outputs),
-            "delivered": sum(1 for o in outputs if o.get("delivered")),
-            "charge": min(price.credits, price.per_output * charged_outputs),
+            "outputs": outputs_json,
+            "delivered": delivered,
+            "charge": charge,
             "step": ctx.step if ctx.total else None,
             "total": ctx.total if ctx.total else None,
             "now": now.astimezone(UTC).replace(tzinfo=None),
             "at": now.isoformat(),
             "release_now_s": now.timestamp(),
             "release_aging": float(get_settings().sched_aging_per_s),
-        },
-    ).one()
+        }
+
+    row = run_statement(
+        engine, _PG_FINISH_RELEASE_SQL, params, attempts_max=STEP_ATTEMPTS_MAX, budget_s=budget_s
+    )
     # (a fallback, or a result recorded before, changed nothing; else the slot is free)
     if row.r_alert:
-        alerts.check(conn, row.r_account_id, row.r_credit_kind, now, attempt.job_id)
+        run_transaction(
+            engine,
+            lambda conn: alerts.check(
+                conn, row.r_account_id, row.r_credit_kind, now, attempt.job_id
+            ),
+            attempts_max=STEP_ATTEMPTS_MAX,
+            budget_s=budget_s,
+        )
     return str(row.r_status)
 
 

@@ -5,8 +5,9 @@ one call of the PL/pgSQL function `tollgate_job_begin` (migration 0011): it lock
 takes it, records the attempt and the `running` event, exactly as the Python path below
 does, and returns nothing when the job needs that path (a takeover, a cancel, too many
 attempts, a webhook to queue, an input image, a rerun). The call is a transaction of its
-own (autocommit: one round trip, not BEGIN, the call and COMMIT); the Python path then
-runs in a new transaction, under its own lock.
+own (autocommit on the thread's direct connection, orchestrator.db_direct: one round trip,
+not BEGIN, the call and COMMIT); the Python path then runs in a new transaction, under its
+own lock.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from sqlalchemy import Connection, Engine, select
 
 from billing.clock import utcnow
 from billing.db import run_transaction
-from orchestrator.db import commit_without_flush_wait, single_statements
+from orchestrator.db import commit_without_flush_wait
+from orchestrator.db_direct import run_statement
 from orchestrator.errors import OrchestratorError
 from orchestrator.execution import leases
 from orchestrator.execution.attempt import (
@@ -57,12 +59,7 @@ def begin(engine: Engine, job_id: str, worker: str, phase: Phase = JOB_PHASE) ->
         # nothing (the job needs the Python path, or this is a rerun after a lost answer:
         # the job is then running under this token), the Python path runs in a new
         # transaction under its own lock.
-        taken = run_transaction(
-            single_statements(engine),
-            lambda conn: _begin_pg(conn, job_id, token, worker),
-            attempts_max=STEP_ATTEMPTS_MAX,
-            budget_s=BEGIN_RETRY_BUDGET_S,
-        )
+        taken = _begin_pg(engine, job_id, token, worker)
         if taken is not None:
             return taken
     return run_transaction(
@@ -77,11 +74,14 @@ def _naive(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
-def _begin_pg(conn: Connection, job_id: str, token: str, worker: str) -> Attempt | None:
+def _begin_pg(engine: Engine, job_id: str, token: str, worker: str) -> Attempt | None:
+    """The one-call take (a transaction of its own, on the thread's direct connection)."""
     now = utcnow()
-    row = conn.exec_driver_sql(
-        _PG_BEGIN_SQL,
-        {
+
+    def params() -> dict[str, Any]:
+        nonlocal now
+        now = utcnow()  # each attempt's own clock: a retried take gets a full lease
+        return {
             "job": job_id,
             "token": token,
             "worker": worker[:WORKER_MAX_LEN],
@@ -90,10 +90,17 @@ def _begin_pg(conn: Connection, job_id: str, token: str, worker: str) -> Attempt
             "lease": _naive(leases.lease_expiry(now)),
             "at": now.isoformat(),
             "attempts_max": ATTEMPTS_MAX,
-        },
-    ).first()
+        }
+
+    row = run_statement(
+        engine,
+        _PG_BEGIN_SQL,
+        params,
+        attempts_max=STEP_ATTEMPTS_MAX,
+        budget_s=BEGIN_RETRY_BUDGET_S,
+    )
     if row is None:
-        return None  # the Python path decides (same transaction, the lock is held)
+        return None  # the Python path decides (in a transaction of its own)
     created_at = row.r_created_at.replace(tzinfo=UTC)
     spec = row.r_spec if isinstance(row.r_spec, dict) else {}
     return Attempt(
