@@ -136,7 +136,9 @@ def test_submit_after_a_lost_commit_answer_finds_its_own_job(
 ) -> None:
     account = new_account(pg_engine)
     grant(pg_engine, account, 10)
-    pg_proxy.lose_next_answer(b"COMMIT")
+    # The usual submit is one statement, its own transaction (orchestrator.db_direct): the
+    # answer lost is the statement's; the full path that follows finds the job.
+    pg_proxy.lose_next_answer(b"tollgate_ledger_hold")
     submitted = jobs.submit(proxied_engine, storage, account, dict(SPEC))
     assert pg_proxy.answers_lost == 1
     assert submitted.created and submitted.job["status"] == states.QUEUED
@@ -172,7 +174,7 @@ def test_a_rejection_after_a_lost_commit_answer_is_recorded_once(
     pg_engine: Engine, proxied_engine: Engine, pg_proxy: TcpProxy, storage: Storage
 ) -> None:
     account = new_account(pg_engine)  # no credits
-    pg_proxy.lose_next_answer(b"COMMIT")
+    pg_proxy.lose_next_answer(b"COMMIT")  # (a key: the full path, BEGIN ... COMMIT)
     with pytest.raises(jobs.JobRejected):
         jobs.submit(proxied_engine, storage, account, dict(SPEC), idempotency_key="k1")
     assert pg_proxy.answers_lost == 1

@@ -239,25 +239,43 @@ def direct_pid(engine: Engine) -> int:
     return int(row.pid)
 
 
-def test_each_thread_keeps_one_direct_connection_and_a_terminated_one_is_replaced(
+def test_a_direct_connection_is_reused_and_a_terminated_one_replaced(
     pg_engine: Engine,
 ) -> None:
     first = direct_pid(pg_engine)
     assert direct_pid(pg_engine) == first  # kept between statements
-    other: list[int] = []
-    thread = threading.Thread(
-        target=lambda: (other.append(direct_pid(pg_engine)), db_direct.close_thread_connections())
-    )
-    thread.start()
-    thread.join(10)
-    assert other and other[0] != first  # a thread of its own
     before = faults.TRANSIENT_RETRIES.labels("cli", faults.POSTGRESQL)._value.get()
     with pg_engine.connect() as admin:
         admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
     replaced = direct_pid(pg_engine)  # retried on a new connection
     assert replaced != first
     assert faults.TRANSIENT_RETRIES.labels("cli", faults.POSTGRESQL)._value.get() > before
-    db_direct.close_thread_connections()
+    db_direct.close_idle()
+
+
+def test_a_forked_child_opens_its_own_and_leaves_its_parents_alone(pg_engine: Engine) -> None:
+    parent = direct_pid(pg_engine)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's outcome is checked through the pipe)
+        code = 1
+        try:
+            import gc
+
+            mine = direct_pid(pg_engine)
+            gc.collect()  # the parent's copies must not be closed by this
+            os.write(write, str(mine).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(child, 0)
+    mine = int(os.read(read, 64) or b"0")
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert mine not in (0, parent)
+    assert direct_pid(pg_engine) == parent  # still the same, still open
+    db_direct.close_idle()
 
 
 def test_errors_come_out_as_sqlalchemy_errors(pg_engine: Engine) -> None:
@@ -266,4 +284,4 @@ def test_errors_come_out_as_sqlalchemy_errors(pg_engine: Engine) -> None:
     with pytest.raises(ProgrammingError):
         db_direct.run_statement(pg_engine, "SELECT * FROM no_such_table", dict)
     assert direct_pid(pg_engine) > 0  # the connection is still usable
-    db_direct.close_thread_connections()
+    db_direct.close_idle()

@@ -73,14 +73,17 @@ def _message(topic: str, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return topic, {k: v for k, v in payload.items() if k not in ("job_id", "account_id", "at")}
 
 
-def _submit(engine: Engine, storage: Storage, account: str) -> tuple[str, dict[str, Any]]:
-    submitted = jobs.submit(engine, storage, account, dict(SPEC), idempotency_key="k-1")
+def _submit(
+    engine: Engine, storage: Storage, account: str, key: str | None
+) -> tuple[str, dict[str, Any]]:
+    submitted = jobs.submit(engine, storage, account, dict(SPEC), idempotency_key=key)
     job = submitted.job
     effects = _effects(engine, account, job["id"])
     assert submitted.created
     assert job == effects["view"]  # the answer is the row as stored (defaults included)
-    again = jobs.submit(engine, storage, account, dict(SPEC), idempotency_key="k-1")
-    assert (again.job["id"], again.created) == (job["id"], False)
+    if key is not None:
+        again = jobs.submit(engine, storage, account, dict(SPEC), idempotency_key=key)
+        assert (again.job["id"], again.created) == (job["id"], False)
     return job["id"], effects
 
 
@@ -92,8 +95,9 @@ def _normalised(effects: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.parametrize("key", ["k-1", None])  # None: PostgreSQL's direct statement
 def test_postgresql_and_sqlite_submit_alike(
-    pg_engine: Engine, sqlite_engine: Engine, storage: Storage
+    pg_engine: Engine, sqlite_engine: Engine, storage: Storage, key: str | None
 ) -> None:
     results = []
     for engine in (pg_engine, sqlite_engine):
@@ -102,7 +106,7 @@ def test_postgresql_and_sqlite_submit_alike(
         grant(engine, account, 5)
         # An alert the hold crosses: its balance.low webhook is written in the same commit.
         alerts.set_alerts(engine, account, {"image": 6}, webhook_url=HOOK_URL)
-        job_id, effects = _submit(engine, storage, account)
+        job_id, effects = _submit(engine, storage, account, key)
         assert [t for t, _ in effects["outbox"]] == ["event", "callback"]
         assert effects["verify"] == []
         with pytest.raises(jobs.JobRejected) as refused:

@@ -17,11 +17,13 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError
 
 from billing import InsufficientCredits, InvalidJobSpec, ledger
 from billing.clock import utcnow
-from billing.db import run_transaction
+from billing.db import is_retryable, run_transaction
 from billing.ledger_pg import on_postgresql
+from orchestrator.db_direct import run_statement
 from orchestrator.errors import OrchestratorError
 from orchestrator.execution import leases
 from orchestrator.jobs import kinds, specs, states, submission_pg, webhooks
@@ -304,8 +306,27 @@ def submit(
             scheduler.enqueue(conn, job_id, task, account_id, now, new=True)
         return row
 
+    kind_ = kinds.kind_for(normalised["type"])
+    direct = (
+        fresh
+        and idempotency_key is None
+        and engine.dialect.name == "postgresql"
+        and kind_.before_insert is None
+        and kind_.after_hold is None
+        and not (
+            kind_.takes_input_image and ("image_b64" in normalised or "image_id" in normalised)
+        )
+    )
     try:
-        row = run_transaction(engine, work)
+        row = None
+        if direct:
+            row = _submit_direct(
+                engine, job_id, account_id, normalised, price, source, digest, callback_url, events
+            )
+            if row is None:
+                fresh = False  # the full path looks for this job's own row first
+        if row is None:
+            row = run_transaction(engine, work)
     except InsufficientCredits as exc:
         _record_rejection(
             engine,
@@ -319,6 +340,51 @@ def submit(
         )
         raise JobRejected(job_id, exc) from exc
     return Submitted(view(row), created=row.id == job_id)
+
+
+def _submit_direct(
+    engine: Engine,
+    job_id: str,
+    account_id: str,
+    spec: dict[str, Any],
+    price: Any,
+    source: str,
+    digest: str,
+    callback_url: str | None,
+    events: Any,
+) -> Row[Any] | None:
+    """The usual submit on PostgreSQL (a new job, no idempotency key, a family without rows
+    of its own) as ONE statement that is its own transaction (orchestrator.db_direct): the
+    hold, the job, its event, its queue entry, durable when it returns; no BEGIN or COMMIT
+    round trips, no SQLAlchemy transaction. A refused hold changes nothing but the expiry
+    of grants already due (which any hold would record). When the account has a
+    low-balance alert on the kind, its check follows in a transaction of its own (lost in a
+    crash in between, it fires at the next change of the balance). None after a transient
+    fault or a conflict: the caller then runs the full path, which finds this job if the
+    statement did commit."""
+    spec_ = dict(spec)
+    now = utcnow()
+    values = new_job_values(
+        job_id, account_id, spec_, price, source, now, None, digest, callback_url, events
+    )
+    ttl_s = hold_ttl_s(spec_)
+    ledger.check_hold(price.credit_kind, price.credits, ttl_s, job_id)
+    task = spec_["type"]
+    sql, params = submission_pg.submit_params(
+        values, ttl_s, queued_event(values), now, enqueue=(task, family_for(task).queue)
+    )
+    try:
+        found = run_statement(engine, sql, lambda: params, attempts_max=1)
+    except DBAPIError as exc:
+        if is_retryable(exc):
+            return None
+        raise
+    row, has_alert = submission_pg.submitted_row(found, values)
+    if has_alert:
+        run_transaction(
+            engine, lambda conn: alerts.check(conn, account_id, price.credit_kind, now, job_id)
+        )
+    return row
 
 
 def _own_row(conn: Connection, job_id: str, account_id: str) -> Row[Any] | None:
