@@ -47,3 +47,17 @@ def test_the_run_mean_starts_at_the_first_run_then_folds_in_each_next(
         assert slots.mean_run_s(client)[task] == pytest.approx(mean)
     finally:
         client.hdel(slots.RUN_S_KEY, task)
+
+
+def test_runs_folded_together_give_what_one_by_one_gives(client: redis.Redis) -> None:
+    one, many, other = (f"test-{secrets.token_hex(3)}" for _ in range(3))
+    runs = [2.0, 7.0, 0.5, 3.25]
+    try:
+        for seconds in runs:
+            slots.record_run(client, one, seconds)
+        slots.record_runs(client, [(many, s) for s in runs] + [(other, 9.0)])
+        assert client.hget(slots.RUN_S_KEY, many) == client.hget(slots.RUN_S_KEY, one)
+        assert client.hget(slots.RUN_S_KEY, other) == "9.000000"
+        slots.record_runs(client, [])  # nothing to send
+    finally:
+        client.hdel(slots.RUN_S_KEY, one, many, other)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -22,7 +23,7 @@ from orchestrator.execution.protocol import JOB_PHASE, Phase, Runner, execute
 from orchestrator.faults import dependency_of
 from orchestrator.scheduling.dispatch import get_publisher
 from orchestrator.scheduling.nudger import Nudger
-from orchestrator.scheduling.slots import record_run
+from orchestrator.scheduling.slots import record_runs
 from orchestrator.settings import get_settings
 from orchestrator.storage import get_storage
 from workers import metrics
@@ -39,6 +40,7 @@ FAULT_RETRY_COUNTDOWN_S: Final = 5
 NUDGER_STOP_TIMEOUT_S: Final = 5.0
 # ... and the results its finisher still holds this long (what is left: the lease sweep).
 FINISHER_STOP_TIMEOUT_S: Final = 20.0
+RUNS_PENDING_MAX: Final = 1000  # run times waiting for the nudger's thread (beyond: dropped)
 
 _runners: dict[str, Runner] = {}
 _factories: dict[str, Callable[[], Runner]] = {}
@@ -85,6 +87,33 @@ def stop_post_job_nudger(**_: Any) -> None:
             _nudger.stop(NUDGER_STOP_TIMEOUT_S)
 
 
+_runs: list[tuple[str, float]] = []  # run times not yet sent (guarded by _runs_lock)
+_runs_lock = threading.Lock()
+_runs_chore = False  # a chore that sends them is waiting on the nudger's thread
+
+
+def _note_run(nudger: Nudger, redis: Any, job_type: str, run_s: float) -> None:
+    global _runs_chore
+    with _runs_lock:
+        if len(_runs) < RUNS_PENDING_MAX:
+            _runs.append((job_type, run_s))
+        if _runs_chore:
+            return  # the waiting chore sends this one too
+        _runs_chore = True
+    if not nudger.defer(lambda: _send_runs(redis)):
+        with _runs_lock:
+            _runs_chore = False  # not taken (full, or stopping): the next run asks again
+
+
+def _send_runs(redis: Any) -> None:
+    global _runs_chore
+    with _runs_lock:
+        runs = list(_runs)
+        _runs.clear()
+        _runs_chore = False
+    record_runs(redis, runs)
+
+
 def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) -> dict[str, Any]:
     engine, publisher = get_engine(), get_publisher()
     hooks = ProgressWebhooks(engine, publisher, job_id)
@@ -113,10 +142,10 @@ def run_job(task: Task, job_type: str, job_id: str, phase: Phase = JOB_PHASE) ->
     def on_finished(result: dict[str, Any]) -> None:
         nudger = post_job_nudger()
         if result.get("status") != "skipped":
-            # An estimate for queue ETAs and dispatch buffers only: sent on the nudger's
-            # thread. From the task's start to its result applied: the slot's occupancy.
-            run_s = time.monotonic() - started
-            nudger.defer(lambda: record_run(publisher.redis, job_type, run_s))
+            # An estimate for queue ETAs and dispatch buffers only, from the task's start to
+            # its result applied (the slot's occupancy): sent on the nudger's thread, the
+            # runs of a pass interval in one round trip.
+            _note_run(nudger, publisher.redis, job_type, time.monotonic() - started)
         # A slot is free: dispatch the next job and relay this one's outbox rows, on this
         # process's nudger thread, so the task returns (and is acked) without waiting.
         nudger.poke(job_id)

@@ -84,14 +84,16 @@ class Nudger:
         (a short job) shares one pass, with one relay transaction for both."""
         self._ask(job_ids, dispatch=False)
 
-    def defer(self, chore: Callable[[], Any]) -> None:
+    def defer(self, chore: Callable[[], Any]) -> bool:
         """Run `chore` on this nudger's thread before its next pass, off the caller's path
-        (best effort, for estimates and metrics: a failure is logged, a full list drops it)."""
+        (best effort, for estimates and metrics: a failure is logged, a full list drops it:
+        False)."""
         with self._lock:
             if self._stopping or len(self._chores) >= CHORES_MAX:
                 self.dropped_chores += 1
-                return
+                return False
             self._chores.append(chore)
+            return True
 
     def _run_chores(self) -> None:
         with self._lock:

@@ -189,12 +189,17 @@ def pools(
 
 # One round trip each (the worker and the dispatcher run them per job). Lua's
 # string.format("%.6f") writes the mean as Python's f"{mean:.6f}" did.
+# ARGV: the weight of a new run, then (family, seconds) pairs, folded in order.
 RUN_S_LUA: Final = """
-local mean = tonumber(ARGV[2])
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then mean = (1 - tonumber(ARGV[3])) * tonumber(old) + tonumber(ARGV[3]) * mean end
-redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', mean))
+local alpha = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local mean = tonumber(ARGV[i + 1])
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if old then mean = (1 - alpha) * tonumber(old) + alpha * mean end
+  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.6f', mean))
+end
 """
+RUNS_PER_CALL_MAX: Final = 200  # runs per script call (a worker folds a pass's worth)
 # KEYS: one histogram key per wait; ARGV: the bucket count n, the n bucket names (bounds in
 # seconds), then the waits in seconds (one per key).
 WAITS_LUA: Final = """
@@ -222,9 +227,17 @@ def _script(redis: Any, source: str) -> Any:
 
 def record_run(redis: Any, task: str, seconds: float) -> None:
     """Fold one run into the family's mean (a lost update only blurs an estimate)."""
-    _script(redis, RUN_S_LUA)(
-        keys=[RUN_S_KEY], args=[task, repr(seconds), RUN_S_ALPHA], client=redis
-    )
+    record_runs(redis, [(task, seconds)])
+
+
+def record_runs(redis: Any, runs: list[tuple[str, float]]) -> None:
+    """Fold runs into their families' means, in order: one round trip per
+    RUNS_PER_CALL_MAX runs (a worker sends those of a pass interval together)."""
+    for start in range(0, len(runs), RUNS_PER_CALL_MAX):
+        args: list[Any] = [RUN_S_ALPHA]
+        for task, seconds in runs[start : start + RUNS_PER_CALL_MAX]:
+            args += [task, repr(seconds)]
+        _script(redis, RUN_S_LUA)(keys=[RUN_S_KEY], args=args, client=redis)
 
 
 def mean_run_s(redis: Any) -> dict[str, float]:
