@@ -5,6 +5,7 @@ PostgreSQL (one claiming statement) and SQLite."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select
@@ -122,3 +123,40 @@ def test_what_a_failed_publish_left_stays_for_the_re_publisher(
     assert [t for t, _ in publish.sent] == ["event", "dispatch", "event"]
     assert _status(any_engine, job_id) == "dispatched"
     _cancel(any_engine, job_id)
+
+
+def _rows(engine: Engine, job_id: str) -> list[tuple[str, bool]]:
+    return [
+        (r.topic, r.published_at is not None)
+        for r in run_transaction(
+            engine,
+            lambda c: c.execute(
+                select(outbox_table.c.topic, outbox_table.c.published_at)
+                .where(outbox_table.c.job_id == job_id)
+                .order_by(outbox_table.c.id)
+            ).all(),
+        )
+    ]
+
+
+def test_prune_deletes_rows_sent_long_ago_in_bounded_batches(
+    any_engine: Engine, storage: Storage
+) -> None:
+    job_id = _job_with_messages(any_engine, storage)
+    outbox.relay(any_engine, Recorder(), job_id=job_id)  # all three sent now
+    _cancel(any_engine, job_id)  # its `canceled` event: unsent
+    assert _rows(any_engine, job_id) == [
+        ("event", True),
+        ("dispatch", True),
+        ("event", True),
+        ("event", False),
+    ]
+    later = utcnow() + timedelta(seconds=outbox.PRUNE_AFTER_S + 60)
+    outbox.prune(any_engine)  # sent a moment ago: kept
+    assert len(_rows(any_engine, job_id)) == 4
+    # An hour on: sent rows go, oldest first, at most batches x batch a run (on a shared
+    # database other tests' sent rows count too: three are surely ours).
+    assert outbox.prune(any_engine, now=later, batch_max=1, batches_max=2) == 2
+    while outbox.prune(any_engine, now=later, batch_max=500) >= 500:
+        pass
+    assert _rows(any_engine, job_id) == [("event", False)]  # never an unsent row

@@ -18,7 +18,7 @@ from orchestrator.db import get_engine
 from orchestrator.faults import dependency_of, process_scope
 from orchestrator.payments.purchases import lapse_due
 from orchestrator.scheduling.dispatch import get_publisher
-from orchestrator.scheduling.outbox import relay, relay_quietly
+from orchestrator.scheduling.outbox import prune, relay, relay_quietly
 from orchestrator.scheduling.scheduler import nudge, resend_stale
 from orchestrator.settlement.lease_sweep import sweep
 from orchestrator.settlement.output_retention import sweep_outputs
@@ -75,13 +75,16 @@ def leases_task() -> dict[str, int]:
 @app.task(name="tollgate.republish", send_events=False)
 def republish_task() -> int:
     """Unpublished outbox rows older than REPUBLISH_MIN_AGE_S, then the tasks of jobs
-    dispatched long ago that no worker began (scheduler.resend_stale)."""
+    dispatched long ago that no worker began (scheduler.resend_stale); then the rows sent
+    over an hour ago are deleted (outbox.prune, bounded per run)."""
 
     def work() -> int:
         engine, publisher = get_engine(), get_publisher()
-        return relay(engine, publisher, min_age_s=REPUBLISH_MIN_AGE_S) + len(
+        sent = relay(engine, publisher, min_age_s=REPUBLISH_MIN_AGE_S) + len(
             resend_stale(engine, publisher)
         )
+        prune(engine)
+        return sent
 
     return _tolerant("republish", work, 0)
 
