@@ -6,7 +6,8 @@ costs a pool checkout, its Connection and transaction objects and, for a durable
 BEGIN and COMMIT round trips of their own: 110-180 us of CPU per call against 76 us for the
 statement on a plain connection (docs/benchmarks.md, "Session 9"). Here a process keeps a
 small pool of autocommit psycopg connections per database (opened on first use with the
-engine's own connect arguments, at most POOL_SIZE), and a statement is its own transaction:
+engine's own connect arguments, at most POOL_SIZE, each replaced after PG_POOL_RECYCLE_S
+as the engine's are), and a statement is its own transaction:
 it commits when it returns, and waits for the WAL flush unless the statement itself turns
 `synchronous_commit` off.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -30,7 +32,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from billing.db import PG_CONNECT_TIMEOUT_S, TRANSACTION_ATTEMPTS_MAX, retried
+from billing.db import (
+    PG_CONNECT_TIMEOUT_S,
+    PG_POOL_RECYCLE_S,
+    TRANSACTION_ATTEMPTS_MAX,
+    retried,
+)
 
 POOL_SIZE: Final = 8  # connections one process keeps per database
 CHECKOUT_TIMEOUT_S: Final = 30.0  # waiting for a free one (all POOL_SIZE busy)
@@ -55,7 +62,9 @@ class _Pool:
         args, kwargs = engine.dialect.create_connect_args(engine.url)
         kwargs.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
         self._args, self._kwargs = args, kwargs
-        self._idle: list[psycopg.Connection[Any]] = []
+        # (connection, when it was opened: time.monotonic()), the last returned last
+        self._idle: list[tuple[psycopg.Connection[Any], float]] = []
+        self._opened_at: dict[int, float] = {}  # checked-out connections' opening times
         self._slots = threading.BoundedSemaphore(POOL_SIZE)
         self._lock = threading.Lock()
 
@@ -63,13 +72,19 @@ class _Pool:
         if not self._slots.acquire(timeout=CHECKOUT_TIMEOUT_S):
             raise PoolTimeout(f"no direct connection free in {CHECKOUT_TIMEOUT_S:g} s")
         with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is not None and not conn.closed:
-            return conn
+            idle = self._idle.pop() if self._idle else None
+        if idle is not None:
+            conn, opened_at = idle
+            if not conn.closed and time.monotonic() - opened_at < PG_POOL_RECYCLE_S:
+                self._opened_at[id(conn)] = opened_at
+                return conn
+            conn.close()  # replaced before a server or proxy idle timeout closes it
         try:
-            return psycopg.connect(
+            conn = psycopg.connect(
                 *self._args, **self._kwargs, autocommit=True, row_factory=namedtuple_row
             )
+            self._opened_at[id(conn)] = time.monotonic()
+            return conn
         except psycopg.Error as exc:
             self._slots.release()
             raise DBAPIError.instance(
@@ -80,19 +95,20 @@ class _Pool:
             raise
 
     def checkin(self, conn: psycopg.Connection[Any], *, broken: bool) -> None:
+        opened_at = self._opened_at.pop(id(conn), 0.0)
         try:
             if broken:
                 conn.close()
             else:
                 with self._lock:
-                    self._idle.append(conn)
+                    self._idle.append((conn, opened_at))
         finally:
             self._slots.release()
 
     def close_idle(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
 

@@ -253,6 +253,20 @@ def test_a_direct_connection_is_reused_and_a_terminated_one_replaced(
     db_direct.close_idle()
 
 
+def test_a_direct_connection_is_replaced_once_it_is_as_old_as_the_engines_recycle(
+    pg_engine: Engine,
+) -> None:
+    from billing.db import PG_POOL_RECYCLE_S
+
+    first = direct_pid(pg_engine)
+    pool = db_direct._pool(pg_engine)
+    conn, _ = pool._idle[-1]
+    pool._idle[-1] = (conn, time.monotonic() - PG_POOL_RECYCLE_S - 1)  # opened long ago
+    assert direct_pid(pg_engine) != first
+    assert conn.closed
+    db_direct.close_idle()
+
+
 def test_a_forked_child_opens_its_own_and_leaves_its_parents_alone(pg_engine: Engine) -> None:
     parent = direct_pid(pg_engine)
     read, write = os.pipe()
