@@ -64,11 +64,11 @@ class _Pool:
         self._args, self._kwargs = args, kwargs
         # (connection, when it was opened: time.monotonic()), the last returned last
         self._idle: list[tuple[psycopg.Connection[Any], float]] = []
-        self._opened_at: dict[int, float] = {}  # checked-out connections' opening times
         self._slots = threading.BoundedSemaphore(POOL_SIZE)
         self._lock = threading.Lock()
 
-    def checkout(self) -> psycopg.Connection[Any]:
+    def checkout(self) -> tuple[psycopg.Connection[Any], float]:
+        """A connection and when it was opened (time.monotonic()), for `checkin`."""
         if not self._slots.acquire(timeout=CHECKOUT_TIMEOUT_S):
             raise PoolTimeout(f"no direct connection free in {CHECKOUT_TIMEOUT_S:g} s")
         with self._lock:
@@ -76,15 +76,13 @@ class _Pool:
         if idle is not None:
             conn, opened_at = idle
             if not conn.closed and time.monotonic() - opened_at < PG_POOL_RECYCLE_S:
-                self._opened_at[id(conn)] = opened_at
-                return conn
+                return conn, opened_at
             conn.close()  # replaced before a server or proxy idle timeout closes it
         try:
             conn = psycopg.connect(
                 *self._args, **self._kwargs, autocommit=True, row_factory=namedtuple_row
             )
-            self._opened_at[id(conn)] = time.monotonic()
-            return conn
+            return conn, time.monotonic()
         except psycopg.Error as exc:
             self._slots.release()
             raise DBAPIError.instance(
@@ -94,8 +92,7 @@ class _Pool:
             self._slots.release()
             raise
 
-    def checkin(self, conn: psycopg.Connection[Any], *, broken: bool) -> None:
-        opened_at = self._opened_at.pop(id(conn), 0.0)
+    def checkin(self, conn: psycopg.Connection[Any], opened_at: float, *, broken: bool) -> None:
         try:
             if broken:
                 conn.close()
@@ -149,7 +146,7 @@ def run_statement(
     pool = _pool(engine)
 
     def once() -> Any:
-        conn = pool.checkout()
+        conn, opened_at = pool.checkout()
         broken = True
         try:
             values = params()
@@ -165,7 +162,7 @@ def run_statement(
             broken = False
             return row
         finally:
-            pool.checkin(conn, broken=broken)
+            pool.checkin(conn, opened_at, broken=broken)
 
     return retried(once, attempts_max=attempts_max, budget_s=budget_s)
 

@@ -65,6 +65,26 @@ def test_a_full_finisher_makes_the_task_wait_for_room() -> None:
     finisher.stop()
 
 
+def test_a_task_that_finds_no_room_in_time_applies_its_own_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator.execution import finisher as module
+
+    monkeypatch.setattr(module, "HAND_WAIT_MAX_S", 0.2)
+    finisher = Finisher(pending_max=1)
+    gate = threading.Event()
+    finisher.hand(gate.wait)  # the thread is stuck in it
+    deadline = time.monotonic() + 5
+    while finisher._queue and time.monotonic() < deadline:
+        time.sleep(0.01)
+    finisher.hand(lambda: None)  # fills the queue
+    ran: list[str] = []
+    finisher.hand(lambda: ran.append(threading.current_thread().name))  # no room in 0.2 s
+    assert ran == [threading.current_thread().name]
+    gate.set()
+    assert finisher.stop(5)
+
+
 def test_a_failing_work_is_logged_and_the_next_runs(caplog: pytest.LogCaptureFixture) -> None:
     finisher = Finisher()
     ran: list[int] = []

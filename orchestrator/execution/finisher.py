@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 FINISHING: Final = "finishing"
 PENDING_MAX: Final = 2  # results handed over and not yet applied, per process
 DRAIN_TIMEOUT_S: Final = 30.0
+# A task waits this long at most for room; then it applies its own result (as with no
+# finisher), so a finisher that stopped making progress never blocks its process forever.
+HAND_WAIT_MAX_S: Final = 300.0
 
 Work = Callable[[], Any]
 
@@ -57,26 +60,22 @@ class Finisher:
         self.waits = 0  # hands that waited for room
 
     def hand(self, work: Work) -> None:
-        """Queue `work`; waits while PENDING_MAX are already waiting. After `stop`, runs it
-        on the caller's thread."""
+        """Queue `work`; waits (up to HAND_WAIT_MAX_S) while PENDING_MAX are already waiting.
+        After `stop`, or when no room came in time, runs it on the caller's thread."""
         with self._cond:
-            if self._stopping:
-                inline = True
-            else:
-                inline = False
+            if not self._stopping:
                 self._ensure_thread()
                 if len(self._queue) >= self.pending_max:
                     self.waits += 1
                     self._cond.wait_for(
-                        lambda: len(self._queue) < self.pending_max or self._stopping
+                        lambda: len(self._queue) < self.pending_max or self._stopping,
+                        HAND_WAIT_MAX_S,
                     )
-                if self._stopping:
-                    inline = True
-                else:
-                    self._queue.append(work)
-                    self._cond.notify_all()
-        if inline:
-            _run_one(work)
+            if not self._stopping and len(self._queue) < self.pending_max:
+                self._queue.append(work)
+                self._cond.notify_all()
+                return
+        _run_one(work)
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():

@@ -123,11 +123,9 @@ def _finish_pg(
     price: Price,
     budget_s: float,
 ) -> str:
-    """The one-call finish: a transaction of its own on the thread's direct connection
-    (orchestrator.db_direct), durable when it returns. When the account has a low-balance
-    alert for the kind, its check follows in a transaction of its own: if that is lost (a
-    crash in between), the alert is still armed and the next change of the balance fires
-    it."""
+    """The one-call finish: a transaction of its own on a direct connection
+    (orchestrator.db_direct), durable when it returns; a low-balance alert's check follows
+    (alerts.check_after)."""
     # The row holds no outputs yet (the function checks): what it will hold is `ctx`'s.
     outputs = merged([], ctx.unrecorded)
     status, reason, charged_outputs = outcome_of(
@@ -165,11 +163,12 @@ def _finish_pg(
     )
     # (a fallback, or a result recorded before, changed nothing; else the slot is free)
     if row.r_alert:
-        run_transaction(
+        alerts.check_after(
             engine,
-            lambda conn: alerts.check(
-                conn, row.r_account_id, row.r_credit_kind, now, attempt.job_id
-            ),
+            row.r_account_id,
+            row.r_credit_kind,
+            now,
+            attempt.job_id,
             attempts_max=STEP_ATTEMPTS_MAX,
             budget_s=budget_s,
         )

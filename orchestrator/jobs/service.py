@@ -17,13 +17,11 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import DBAPIError
 
 from billing import InsufficientCredits, InvalidJobSpec, ledger
 from billing.clock import utcnow
-from billing.db import is_retryable, run_transaction
+from billing.db import run_transaction
 from billing.ledger_pg import on_postgresql
-from orchestrator.db_direct import run_statement
 from orchestrator.errors import OrchestratorError
 from orchestrator.execution import leases
 from orchestrator.jobs import kinds, specs, states, submission_pg, webhooks
@@ -354,14 +352,9 @@ def _submit_direct(
     events: Any,
 ) -> Row[Any] | None:
     """The usual submit on PostgreSQL (a new job, no idempotency key, a family without rows
-    of its own) as ONE statement that is its own transaction (orchestrator.db_direct): the
-    hold, the job, its event, its queue entry, durable when it returns; no BEGIN or COMMIT
-    round trips, no SQLAlchemy transaction. A refused hold changes nothing but the expiry
-    of grants already due (which any hold would record). When the account has a
-    low-balance alert on the kind, its check follows in a transaction of its own (lost in a
-    crash in between, it fires at the next change of the balance). None after a transient
-    fault or a conflict: the caller then runs the full path, which finds this job if the
-    statement did commit."""
+    of its own) as one statement that is its own transaction (submission_pg.submit_alone),
+    then a low-balance alert's check (alerts.check_after). None after a transient fault or
+    a conflict: the caller then runs the full path, which finds this job if it committed."""
     spec_ = dict(spec)
     now = utcnow()
     values = new_job_values(
@@ -370,20 +363,14 @@ def _submit_direct(
     ttl_s = hold_ttl_s(spec_)
     ledger.check_hold(price.credit_kind, price.credits, ttl_s, job_id)
     task = spec_["type"]
-    sql, params = submission_pg.submit_params(
-        values, ttl_s, queued_event(values), now, enqueue=(task, family_for(task).queue)
+    done = submission_pg.submit_alone(
+        engine, values, ttl_s, queued_event(values), now, (task, family_for(task).queue)
     )
-    try:
-        found = run_statement(engine, sql, lambda: params, attempts_max=1)
-    except DBAPIError as exc:
-        if is_retryable(exc):
-            return None
-        raise
-    row, has_alert = submission_pg.submitted_row(found, values)
+    if done is None:
+        return None
+    row, has_alert = done
     if has_alert:
-        run_transaction(
-            engine, lambda conn: alerts.check(conn, account_id, price.credit_kind, now, job_id)
-        )
+        alerts.check_after(engine, account_id, price.credit_kind, now, job_id)
     return row
 
 

@@ -36,10 +36,13 @@ from datetime import UTC, datetime
 from typing import Any, Final, cast
 
 from psycopg.types.json import Json
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError
 
+from billing.db import is_retryable
 from billing.ledger_pg import HOLD_COLUMNS, hold_result
+from orchestrator.db_direct import run_statement
 from orchestrator.scheduling.flows import PLANS, QUEUED, settings_params
 from orchestrator.settings import get_settings
 from orchestrator.tables import jobs
@@ -205,3 +208,27 @@ def insert_and_hold(
     whether the account has an alert on the kind. Raises what billing.ledger.hold raises."""
     sql, params = submit_params(values, ttl_s, payload, now, enqueue)
     return submitted_row(conn.exec_driver_sql(sql, params).one(), values)
+
+
+def submit_alone(
+    engine: Engine,
+    values: dict[str, Any],
+    ttl_s: int,
+    payload: dict[str, Any],
+    now: datetime,
+    enqueue: tuple[str, str],
+) -> tuple[Row[Any], bool] | None:
+    """`insert_and_hold` with the enqueue as ONE statement that is its own transaction, on a
+    direct connection (orchestrator.db_direct): durable when it returns, no BEGIN or COMMIT
+    round trips. A refused hold changes nothing but the expiry of grants already due (which
+    any hold records) and raises as `insert_and_hold` does. None after a transient fault or
+    a conflict (tried once): the statement may have committed, so the caller's next try
+    must look for the job first."""
+    sql, params = submit_params(values, ttl_s, payload, now, enqueue)
+    try:
+        found = run_statement(engine, sql, lambda: params, attempts_max=1)
+    except DBAPIError as exc:
+        if is_retryable(exc):
+            return None
+        raise
+    return submitted_row(found, values)

@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, up
 
 from billing import CREDIT_KINDS, InvalidAmount, ledger
 from billing.clock import utcnow
-from billing.db import run_transaction
+from billing.db import TRANSACTION_ATTEMPTS_MAX, run_transaction
 from billing.locked import lock_balance
 from billing.queries import EXPIRE_BATCH_MAX
 from billing.tables import accounts, grants
@@ -103,6 +103,28 @@ def expire_grants_and_check(conn: Connection, now: datetime) -> int:
     for account_id, kind in pairs:
         check(conn, account_id, kind, now)
     return total
+
+
+def check_after(
+    engine: Engine,
+    account_id: str,
+    kind: str,
+    now: datetime,
+    job_id: str | None = None,
+    *,
+    attempts_max: int = TRANSACTION_ATTEMPTS_MAX,
+    budget_s: float | None = None,
+) -> bool:
+    """`check` in a transaction of its own, right after a one-statement transaction changed
+    the credits (orchestrator.db_direct: the usual submit, a worker's finish). A crash in
+    between only delays the webhook: the alert is still armed, and the balance's next
+    change fires it."""
+    return run_transaction(
+        engine,
+        lambda conn: check(conn, account_id, kind, now, job_id),
+        attempts_max=attempts_max,
+        budget_s=budget_s,
+    )
 
 
 def check_all(
